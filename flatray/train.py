@@ -1,0 +1,246 @@
+"""One fine-tuning run: `python -m flatray.train RUN.yaml [--set key=value ...]`.
+
+The driver validates the run file (before Ray starts), then runs a Ray Train `TorchTrainer` whose workers each wrap
+the model in a DeepSpeed engine. Every epoch the workers evaluate on the dev split(s) and report metrics through
+`ray.train.report`; rank 0 attaches a checkpoint when the dev score improves, and Ray keeps the best one.
+
+A checkpoint folder is a plain Hugging Face model folder (config.json, model.safetensors, tokenizer files) plus
+`flatray_run.yaml` (the resolved run config) and `metrics.json`, so `from_pretrained(folder)` loads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from flatray import config as config_lib
+from flatray.config import ConfigError, RunConfig
+
+WORKER_ENV_CPU = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Worker side (runs inside each Ray Train worker)
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def shard(n: int, rank: int, world: int) -> range:
+    """Contiguous, non-overlapping shard of n items (evaluation must not count any example twice)."""
+    bounds = np.linspace(0, n, world + 1).astype(int)
+    return range(bounds[rank], bounds[rank + 1])
+
+
+def predict(module, features, collate, batch_size: int, device, rank: int, world: int, pad_to: int):
+    """Model outputs on `features` from all workers, in order: logits [n, C] or (start, end) [n, pad_to]."""
+    import torch
+    import torch.distributed as dist
+
+    part = features.select(shard(len(features), rank, world))
+    outs = []
+    module.eval()
+    with torch.no_grad():
+        for i in range(0, len(part), batch_size):
+            batch = {k: v.to(device) for k, v in collate([part[j] for j in range(i, min(i + batch_size, len(part)))]).items()}
+            out = module(**batch)
+            if hasattr(out, "start_logits"):  # QA: pad the sequence axis so all batches stack
+                se = torch.stack([out.start_logits, out.end_logits]).float()
+                se = torch.nn.functional.pad(se, (0, pad_to - se.shape[-1]), value=float("-inf"))
+                outs.append(se.cpu().numpy())
+            else:
+                outs.append(out.logits.float().cpu().numpy())
+    module.train()
+    local = np.concatenate(outs, axis=-2) if outs else None
+    gathered = [local]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, local)
+    parts = [g for g in gathered if g is not None]
+    full = np.concatenate(parts, axis=-2)
+    return (full[0], full[1]) if full.ndim == 3 else full
+
+
+def evaluate(module, tokenized, spec, collate, cfg: RunConfig, device, rank: int, world: int) -> dict[str, float]:
+    from flatray.data import compute_metrics
+
+    metrics = {}
+    for split, eval_set in tokenized.evals.items():
+        outputs = predict(module, eval_set.features, collate, cfg.train.eval_batch_size, device, rank, world,
+                          pad_to=cfg.data.max_length)
+        for key, value in compute_metrics(spec, eval_set, outputs).items():
+            metrics[f"{split}/{key}"] = float(value)
+    # The score that picks the best checkpoint: the main metric on the first dev split (MNLI: matched).
+    metrics["score"] = metrics[f"{spec.eval_splits[0]}/{spec.main_metric}"]
+    return metrics
+
+
+def save_checkpoint(folder: Path, module, tokenizer, cfg: RunConfig, metrics: dict) -> None:
+    module.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    (folder / "flatray_run.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+def train_worker(run_config: dict) -> None:
+    """Ray Train's train_loop_per_worker: data, model, DeepSpeed engine, epochs, evaluation, reports."""
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler
+    from tqdm import tqdm
+
+    from flatray import data as data_lib
+    from flatray import models
+    from flatray.engine import build_engine, train_step
+
+    cfg = RunConfig.model_validate(run_config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+    spec = data_lib.TASKS[cfg.task]
+    tokenizer = models.load_tokenizer(cfg.model)
+    raw = data_lib.load_raw(spec, cfg.data.source, cfg.data.path, cfg.data.data_files, seed=cfg.train.seed)
+    tokenized = data_lib.tokenize(spec, raw, tokenizer, cfg.data.max_length, cfg.data.doc_stride,
+                                  cfg.data.max_train_samples, cfg.data.max_eval_samples)
+    collate = data_lib.collator(tokenizer)
+    sampler = DistributedSampler(tokenized.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed)
+    loader = DataLoader(tokenized.train, batch_size=cfg.train.batch_size // world, sampler=sampler,
+                        collate_fn=collate, drop_last=True)
+    if len(loader) == 0:
+        raise ValueError(f"train set of {len(tokenized.train)} examples gives no full batch of {cfg.train.batch_size}")
+
+    seed_everything(cfg.train.seed)  # same head init on every worker (DeepSpeed also broadcasts rank 0's weights)
+    model = models.load_model(cfg.model, spec)
+    engine = build_engine(model, cfg, world, total_steps=cfg.train.epochs * len(loader))
+    seed_everything(cfg.train.seed + rank)  # dropout masks differ across workers, reproducibly
+
+    best = -float("inf")
+    for epoch in range(1, cfg.train.epochs + 1):
+        start = time.perf_counter()
+        sampler.set_epoch(epoch)
+        losses = []
+        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=rank != 0, mininterval=10, leave=False)
+        for batch in bar:
+            losses.append(train_step(engine, {k: v.to(device) for k, v in batch.items()}, cfg))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
+        metrics = evaluate(engine.module, tokenized, spec, collate, cfg, device, rank, world)
+        metrics.update(epoch=epoch, train_loss=float(np.mean(losses)), lr=engine.get_lr()[0],
+                       epoch_seconds=time.perf_counter() - start)
+        improved = metrics["score"] > best
+        best = max(best, metrics["score"])
+        metrics["best_score"] = best
+        if rank == 0:
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" in k)
+            print(f"[flatray] epoch {epoch}/{cfg.train.epochs}  train_loss {metrics['train_loss']:.4f}  {shown}  "
+                  f"({metrics['epoch_seconds']:.1f} s){'  *best*' if improved else ''}", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0 and improved:
+                save_checkpoint(Path(tmp), engine.module, tokenizer, cfg, metrics)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Driver side
+
+
+def init_ray(address: str | None, cpus_needed: int, use_gpu: bool) -> None:
+    """Connect to a cluster, or start a local Ray on the loopback address (nothing leaves the machine)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"TOKENIZERS_PARALLELISM": "false"} if use_gpu else dict(WORKER_ENV_CPU)
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env})
+        return
+    ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=False,
+             _node_ip_address="127.0.0.1", runtime_env={"env_vars": env}, log_to_driver=True)
+
+
+def make_trainer(cfg: RunConfig):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = cfg.scaling.resources_per_worker
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=cfg.model_dump(mode="json"),
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name,
+            storage_path=cfg.storage_uri,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="score",
+                                                         checkpoint_score_order="max"),
+        ),
+    )
+
+
+def fit(cfg: RunConfig):
+    """Run `cfg` on Ray Train and return Ray's `Result` (metrics of the last epoch, best checkpoint)."""
+    per_worker = (cfg.scaling.resources_per_worker or {}).get("CPU", 1)
+    init_ray(cfg.address, int(cfg.scaling.num_workers * per_worker) + 1, cfg.scaling.use_gpu)
+    return make_trainer(cfg).fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flatray.train",
+        description="Fine-tune one model on one task with Adam, SAM or ASAM, in Ray Train workers running DeepSpeed.",
+    )
+    parser.add_argument("run_file", help="run YAML, or the name of a built-in recipe (e.g. smoke)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the run file, e.g. --set optimizer.rho=0.1 (repeatable)")
+    parser.add_argument("--address", help="Ray cluster address (default: the run file's, else a local Ray)")
+    args = parser.parse_args(argv)
+
+    from flatray import models
+
+    try:
+        cfg = config_lib.load(args.run_file, args.set)
+        if args.address:
+            cfg.address = args.address
+        models.resolve(cfg.model)  # a missing offline model fails here, not in a worker
+    except (ConfigError, models.ModelNotFound) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    print(f"[flatray] run {cfg.run_name}: {cfg.model} on {cfg.task}, {cfg.optimizer.name} "
+          f"(rho {cfg.optimizer.rho}), ZeRO {cfg.deepspeed.zero_stage}, {cfg.scaling.num_workers} worker(s)")
+    result = fit(cfg)
+    if result.error:
+        print(f"error: run failed: {result.error}", file=sys.stderr)
+        return 1
+    best = result.best_checkpoints[0] if result.best_checkpoints else None
+    if best:
+        ckpt, metrics = best
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" in k)
+        print(f"[flatray] best dev (epoch {metrics['epoch']}): {shown}")
+        print(f"[flatray] best checkpoint: {ckpt.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

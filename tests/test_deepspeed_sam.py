@@ -1,0 +1,153 @@
+"""SAM/ASAM/Adam inside a real DeepSpeed engine (CPU, gloo, ZeRO 0/1/2, world size 1 and 2) against a plain
+PyTorch reference on the same batches, for both perturbation scopes (METHODS.md section 2)."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from flatray.config import RunConfig
+from flatray.data import TASKS
+
+STEPS, GLOBAL_BATCH, SEQ, LR = 3, 8, 12, 1e-3
+CASES = [  # (optimizer, scope, gradient clipping)
+    ("adam", "worker", 0.0),
+    ("sam", "worker", 0.0),
+    ("sam", "global", 0.0),
+    ("asam", "worker", 0.0),
+    ("asam", "global", 0.0),
+    ("sam", "worker", 0.5),
+]
+STAGES = (0, 1, 2)
+
+
+def run_config(opt, scope, clip, stage, world):
+    return RunConfig(
+        model="tiny-bert", task="toy",
+        train={"batch_size": GLOBAL_BATCH, "epochs": 1, "lr": LR, "schedule": "linear"},
+        optimizer={"name": opt, "sam_scope": scope, "rho": {"adam": 0.0, "sam": 0.05, "asam": 0.5}[opt]},
+        deepspeed={"zero_stage": stage, "gradient_clipping": clip},
+        scaling={"num_workers": world},
+    )
+
+
+def new_model():
+    from flatray import models
+
+    torch.manual_seed(0)
+    return models.load_model("tiny-bert", TASKS["toy"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def batches(vocab):
+    g = torch.Generator().manual_seed(123)
+    return [
+        {
+            "input_ids": torch.randint(5, vocab, (GLOBAL_BATCH, SEQ), generator=g),
+            "attention_mask": torch.ones(GLOBAL_BATCH, SEQ, dtype=torch.long),
+            "labels": torch.randint(0, 2, (GLOBAL_BATCH,), generator=g),
+        }
+        for _ in range(STEPS)
+    ]
+
+
+def shard(batch, rank, world):
+    n = GLOBAL_BATCH // world
+    return {k: v[rank * n : (rank + 1) * n] for k, v in batch.items()}
+
+
+def worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    import deepspeed
+    import torch.distributed as dist
+
+    from flatray.engine import build_engine, train_step
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    deepspeed.init_distributed(dist_backend="gloo")
+    for stage in STAGES:
+        for opt, scope, clip in CASES:
+            cfg = run_config(opt, scope, clip, stage, world)
+            model = new_model()
+            engine = build_engine(model, cfg, world, total_steps=STEPS)
+            for b in batches(model.config.vocab_size):
+                train_step(engine, shard(b, rank, world), cfg)
+            if rank == 0:
+                state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+                torch.save(state, os.path.join(out_dir, f"{world}-{stage}-{opt}-{scope}-{clip}.pt"))
+            dist.barrier()
+    dist.destroy_process_group()
+
+
+def grads(model, batch):
+    model.zero_grad()
+    model(**batch).loss.backward()
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def reference(opt, scope, clip, world):
+    """Plain PyTorch, one process: each worker's sub-batch is simulated one after the other."""
+    model = new_model()
+    params = list(model.parameters())
+    adam = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(adam, lambda s: (STEPS - s) / STEPS)
+    rho = {"adam": 0.0, "sam": 0.05, "asam": 0.5}[opt]
+    for b in batches(model.config.vocab_size):
+        shards = [shard(b, r, world) for r in range(world)]
+        w = [p.detach().clone() for p in params]
+        first = [grads(model, s) for s in shards]
+        if scope == "global":
+            mean = [sum(gs) / world for gs in zip(*first)]
+            first = [mean] * world
+        second = []
+        for s, g in zip(shards, first):
+            if opt == "adam":
+                second.append(g)
+                continue
+            t = [(wi.abs() + 0.01) if (opt == "asam" and wi.dim() >= 2) else torch.ones_like(wi) for wi in w]
+            norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(t, g)))
+            with torch.no_grad():
+                for p, wi, ti, gi in zip(params, w, t, g):
+                    p.copy_(wi + rho * ti * ti * gi / (norm + 1e-12))
+            second.append(grads(model, s))
+            with torch.no_grad():
+                for p, wi in zip(params, w):
+                    p.copy_(wi)
+        for p, gs in zip(params, zip(*second)):
+            p.grad = sum(gs) / world
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        adam.step()
+        sched.step()
+    return model.state_dict()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["world1", "world2"])
+def deepspeed_results(request, tmp_path_factory):
+    world = request.param
+    out = tmp_path_factory.mktemp(f"ds{world}")
+    new_model()  # build the tiny-bert cache once, before the workers race for it
+    mp.spawn(worker, args=(world, free_port(), str(out)), nprocs=world, join=True)
+    return world, out
+
+
+@pytest.mark.parametrize("opt,scope,clip", CASES)
+def test_deepspeed_matches_plain_pytorch(deepspeed_results, opt, scope, clip):
+    world, out = deepspeed_results
+    ref = reference(opt, scope, clip, world)
+    start = new_model().state_dict()
+    for stage in STAGES:
+        got = torch.load(os.path.join(out, f"{world}-{stage}-{opt}-{scope}-{clip}.pt"))
+        moved = max((got[k] - start[k]).abs().max().item() for k in ref)
+        assert moved > 1e-4, "training did not move the weights"
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-5, msg=lambda m: f"ZeRO {stage}, {k}: {m}")
