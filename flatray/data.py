@@ -1,4 +1,5 @@
 """Tasks, loading, tokenization and evaluation for GLUE, SQuAD v1.1 and an offline toy task."""
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -94,8 +95,8 @@ def toy_dataset(n_train: int = 2000, n_eval: int = 400, seed: int = 0) -> datase
     splits = {}
     for split, n in (("train", n_train), ("validation", n_eval)):
         labels = rng.permutation(np.arange(n) % 2)  # exactly balanced (up to one for odd n)
-        splits[split] = datasets.Dataset.from_dict(
-            {"sentence": _toy_sentences(rng, labels), "label": labels.tolist(), "idx": list(range(n))})
+        rows = {"sentence": _toy_sentences(rng, labels), "label": labels.tolist(), "idx": list(range(n))}
+        splits[split] = _in_memory(rows, key=f"toy-v1-{split}-{n_train}-{n_eval}-{seed}")
     return datasets.DatasetDict(splits)
 
 
@@ -183,7 +184,13 @@ def _read_squad_nested(path):
                 rows["question"].append(qa["question"])
                 rows["answers"].append({"text": [a["text"] for a in qa["answers"]],
                                         "answer_start": [int(a["answer_start"]) for a in qa["answers"]]})
-    return datasets.Dataset.from_dict(rows)
+    return _in_memory(rows, key=json.dumps([os.path.abspath(path), os.path.getmtime(path), os.path.getsize(path)]))
+
+
+def _in_memory(rows: dict, key: str) -> datasets.Dataset:
+    """Dataset.from_dict with a fingerprint named by the caller: from_dict would hash the whole table with dill."""
+    table = datasets.table.InMemoryTable.from_pydict(rows)
+    return datasets.Dataset(table, fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
 def _load_split(spec, split, files):
@@ -280,6 +287,15 @@ class TokenizedData:
     evals: dict[str, EvalSet]
 
 
+def _map(ds, fn, tokenizer, desc, **kw):
+    """ds.map with a fingerprint made from what determines the output, so datasets need not hash the closure
+    and the tokenizer with dill (slow, and noisy inside Ray workers)."""
+    tok = getattr(tokenizer, "backend_tokenizer", None)
+    key = json.dumps([ds._fingerprint, desc, tok.to_str() if tok else repr(tokenizer), sorted(map(str, kw.items()))])
+    return ds.map(fn, batched=True, remove_columns=ds.column_names, desc=desc,
+                  new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16], **kw)
+
+
 def _head(ds, n):
     return ds if n is None or n >= len(ds) else ds.select(range(n))
 
@@ -287,14 +303,14 @@ def _head(ds, n):
 def _encode_glue(spec, ds, tokenizer, max_length, with_labels):
     a, b = spec.text_keys
 
-    def fn(batch):
+    def fn(batch, max_length, labels):  # arguments in fn_kwargs feed the fingerprint
         enc = tokenizer(batch[a], batch[b] if b else None, truncation=True, max_length=max_length)
-        if with_labels:
+        if labels:
             cast = float if spec.kind == "regression" else int  # int-looking STS-B scores must still be floats
             enc["labels"] = [cast(x) for x in batch["label"]]
         return enc
 
-    return ds.map(fn, batched=True, remove_columns=ds.column_names, desc=f"tokenize {spec.name}")
+    return _map(ds, fn, tokenizer, f"tokenize {spec.name}", fn_kwargs={"max_length": max_length, "labels": with_labels})
 
 
 def _qa_windows(batch, tokenizer, max_length, doc_stride):
@@ -350,12 +366,10 @@ def tokenize(spec: TaskSpec, raw: datasets.DatasetDict, tokenizer, max_length: i
         if not getattr(tokenizer, "is_fast", False):
             raise DataError("SQuAD needs a fast tokenizer (offset mappings); load it with use_fast=True")
         kw = dict(tokenizer=tokenizer, max_length=max_length, doc_stride=doc_stride)
-        train_features = train.map(_qa_train_features, fn_kwargs=kw, batched=True, remove_columns=train.column_names,
-                                   desc="squad train features")
+        train_features = _map(train, _qa_train_features, tokenizer, "squad train features", fn_kwargs=kw)
         for split in spec.eval_splits:
             examples = _head(raw[split], max_eval_samples)
-            feats = examples.map(_qa_eval_features, fn_kwargs=kw, batched=True,
-                                 remove_columns=examples.column_names, desc=f"squad {split} features")
+            feats = _map(examples, _qa_eval_features, tokenizer, f"squad {split} features", fn_kwargs=kw)
             meta = feats.select_columns(["example_id", "offset_mapping"])
             evals[split] = EvalSet(feats.remove_columns(["example_id", "offset_mapping"]), examples, None, meta)
     else:

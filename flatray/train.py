@@ -25,7 +25,10 @@ import yaml
 from flatray import config as config_lib
 from flatray.config import ConfigError, RunConfig
 
-WORKER_ENV_CPU = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+PROGRESS_EVERY_S = 30
+# RAY_TRAIN_ENABLE_PRINT_PATCH=0: Train V2 reroutes print() through its logger, and each worker line then reaches
+# the console twice.
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -96,6 +99,19 @@ def save_checkpoint(folder: Path, module, tokenizer, cfg: RunConfig, metrics: di
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
+def quiet_libraries() -> None:
+    """Keep worker logs to flatray's own lines: library progress bars and load reports add nothing there."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def train_worker(run_config: dict) -> None:
     """Ray Train's train_loop_per_worker: data, model, DeepSpeed engine, epochs, evaluation, reports."""
     import deepspeed
@@ -103,12 +119,12 @@ def train_worker(run_config: dict) -> None:
     import ray.train.torch
     import torch
     from torch.utils.data import DataLoader, DistributedSampler
-    from tqdm import tqdm
 
     from flatray import data as data_lib
     from flatray import models
     from flatray.engine import build_engine, train_step
 
+    quiet_libraries()
     cfg = RunConfig.model_validate(run_config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -137,11 +153,14 @@ def train_worker(run_config: dict) -> None:
     for epoch in range(1, cfg.train.epochs + 1):
         start = time.perf_counter()
         sampler.set_epoch(epoch)
-        losses = []
-        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=rank != 0, mininterval=10, leave=False)
-        for batch in bar:
+        losses, last_note = [], start
+        for step, batch in enumerate(loader, 1):
             losses.append(train_step(engine, {k: v.to(device) for k, v in batch.items()}, cfg))
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
+            if rank == 0 and time.perf_counter() - last_note > PROGRESS_EVERY_S:
+                # Progress as plain lines: they read well in Ray's forwarded logs, files and CI alike.
+                last_note = time.perf_counter()
+                print(f"[flatray] epoch {epoch}/{cfg.train.epochs} step {step}/{len(loader)} "
+                      f"loss {np.mean(losses[-50:]):.4f} ({step / (last_note - start):.2f} steps/s)", flush=True)
         metrics = evaluate(engine.module, tokenized, spec, collate, cfg, device, rank, world)
         metrics.update(epoch=epoch, train_loss=float(np.mean(losses)), lr=engine.get_lr()[0],
                        epoch_seconds=time.perf_counter() - start)
@@ -166,16 +185,30 @@ def train_worker(run_config: dict) -> None:
 
 def init_ray(address: str | None, cpus_needed: int, use_gpu: bool) -> None:
     """Connect to a cluster, or start a local Ray on the loopback address (nothing leaves the machine)."""
+    if not address and not os.environ.get("RAY_ADDRESS"):
+        keep_local_ray_on_loopback()
     import ray
 
     if ray.is_initialized():
         return
-    env = {"TOKENIZERS_PARALLELISM": "false"} if use_gpu else dict(WORKER_ENV_CPU)
+    env = dict(WORKER_ENV) if use_gpu else {**WORKER_ENV, "DS_ACCELERATOR": "cpu"}
+    for key, value in env.items():  # Train V2 also propagates some variables from the driver's environment
+        os.environ.setdefault(key, value)
     if address:
         ray.init(address=address, runtime_env={"env_vars": env})
         return
-    ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=False,
-             _node_ip_address="127.0.0.1", runtime_env={"env_vars": env}, log_to_driver=True)
+    # The dashboard (bound to 127.0.0.1) stays on: Ray Train V2 cleans up placement groups through its State API.
+    ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), runtime_env={"env_vars": env})
+
+
+def keep_local_ray_on_loopback() -> None:
+    """A local Ray otherwise takes the machine's network address for its node, and Ray Train hands that to gloo as
+    MASTER_ADDR. Ray's switch for loopback is read when ray is imported (and by every Ray process it starts)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    if "ray" in sys.modules:
+        import ray._private.ray_constants as ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def make_trainer(cfg: RunConfig):
