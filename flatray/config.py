@@ -66,7 +66,7 @@ class OptimizerConfig(Section):
     @classmethod
     def _betas_in_range(cls, betas):
         if not all(0 <= b < 1 for b in betas):
-            raise ValueError("each beta must be in [0, 1)")
+            raise ValueError("two numbers in [0, 1)")
         return betas
 
 
@@ -80,11 +80,11 @@ class DeepSpeedConfig(Section):
     def _zero_stage(cls, stage):
         if stage == 3:
             raise ValueError(
-                "ZeRO-3 is not supported: it shards the parameters themselves, and SAM's first gradient and "
-                "perturbation need every worker to hold the full weights (see README); use 0, 1 or 2"
+                "0, 1 or 2 (ZeRO-3 is not supported: it shards the parameters themselves, and SAM's first gradient "
+                "and perturbation need every worker to hold whole weights; see README)"
             )
         if stage not in (0, 1, 2):
-            raise ValueError("allowed: 0, 1, 2")
+            raise ValueError("0, 1 or 2")
         return stage
 
 
@@ -114,7 +114,7 @@ class RunConfig(Section):
     @classmethod
     def _known_task(cls, task):
         if task not in TASKS:
-            raise ValueError(f"allowed: {', '.join(TASKS)}")
+            raise ValueError(f"one of {', '.join(TASKS)}")
         return task
 
     @model_validator(mode="after")
@@ -214,8 +214,10 @@ def _explain(err: ValidationError, source: str) -> str:
         elif e["type"] == "missing":
             lines.append(f"  {key}: missing; this key is required")
         else:
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  {key}: got {value!r}; expected {msg[0].lower() + msg[1:]}")
+            msg = e["msg"].removeprefix("Value error, ")  # our validators say what is expected
+            if msg.startswith("Input should"):  # pydantic's own: "Input should be ..."
+                msg = msg.removeprefix("Input should be ")
+            lines.append(f"  {key}: got {value!r}; expected {msg}")
     return "\n".join(lines)
 
 

@@ -92,11 +92,13 @@ def evaluate(module, tokenized, spec, collate, cfg: RunConfig, device, rank: int
     return metrics
 
 
-def save_checkpoint(folder: Path, module, tokenizer, cfg: RunConfig, metrics: dict) -> None:
+def save_checkpoint(folder: Path, module, tokenizer, cfg: RunConfig, history: list[dict]) -> None:
+    """HF model folder + the run config + metrics of this epoch and of every epoch so far."""
     module.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     (folder / "flatray_run.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (folder / "metrics.json").write_text(json.dumps(history[-1], indent=2))
+    (folder / "history.json").write_text(json.dumps(history, indent=2))
 
 
 def quiet_libraries() -> None:
@@ -149,7 +151,7 @@ def train_worker(run_config: dict) -> None:
     engine = build_engine(model, cfg, world, total_steps=cfg.train.epochs * len(loader))
     seed_everything(cfg.train.seed + rank)  # dropout masks differ across workers, reproducibly
 
-    best = -float("inf")
+    best, history = -float("inf"), []
     for epoch in range(1, cfg.train.epochs + 1):
         start = time.perf_counter()
         sampler.set_epoch(epoch)
@@ -167,6 +169,7 @@ def train_worker(run_config: dict) -> None:
         improved = metrics["score"] > best
         best = max(best, metrics["score"])
         metrics["best_score"] = best
+        history.append(metrics)
         if rank == 0:
             shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" in k)
             print(f"[flatray] epoch {epoch}/{cfg.train.epochs}  train_loss {metrics['train_loss']:.4f}  {shown}  "
@@ -174,7 +177,7 @@ def train_worker(run_config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0 and improved:
-                save_checkpoint(Path(tmp), engine.module, tokenizer, cfg, metrics)
+                save_checkpoint(Path(tmp), engine.module, tokenizer, cfg, history)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
 

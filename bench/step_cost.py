@@ -1,0 +1,286 @@
+"""What SAM/ASAM cost per optimizer step in flatray's DeepSpeed path, and how flatray's Adam compares with the
+Hugging Face Trainer.
+
+One process, one model (BERT with random weights), one synthetic batch, one machine. Four contenders, each built once
+from the same initial weights: flatray Adam, flatray SAM, flatray ASAM (DeepSpeed engine + `train_step`) and
+`transformers.Trainer`. They take turns round-robin so that a noisy neighbour hits all of them alike; the median
+step time of each over all timed steps gives the ratios:
+
+    SAM/Adam step time         target <= 2.1  (SAM does two forward/backward passes: 2.0 is the floor)
+    flatray / HF Trainer sam/s target >= 1.0
+
+    python bench/step_cost.py                       # bert-base, batch 8 (32 on GPU), seq 128
+    python bench/step_cost.py --model-size small    # 4-layer BERT, for a quick look
+
+It runs unchanged on CPU and on one CUDA GPU. It is a benchmark, not a test: the exit code is 0 whatever the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import time
+
+import torch
+
+CUDA = torch.cuda.is_available()
+# Set before deepspeed is imported (flatray.engine imports it): DeepSpeed picks its accelerator at import time.
+if not CUDA:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import transformers  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
+
+from flatray.config import RunConfig  # noqa: E402
+from flatray.engine import build_engine, train_step  # noqa: E402
+
+TARGET_SAM = 2.1
+TARGET_HF = 1.0
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-size", choices=("base", "small"), default="base",
+                   help="base: bert-base (110M); small: 4 layers, hidden 256, 4 heads, intermediate 1024")
+    p.add_argument("--batch", type=int, default=32 if CUDA else 8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=30 if CUDA else 5, help="timed steps per contender per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per contender before the first round")
+    p.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2))
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON here")
+    args = p.parse_args()
+    if args.precision == "bf16" and not CUDA:
+        p.error("--precision bf16 needs a CUDA GPU (flatray allows bf16 only with use_gpu)")
+    return args
+
+
+def sync() -> None:
+    """CUDA kernels run asynchronously: wait for them before reading the clock."""
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def bert_config(size: str) -> BertConfig:
+    if size == "small":
+        return BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, num_labels=2)
+    return BertConfig(num_labels=2)
+
+
+def synthetic_batch(vocab_size: int, batch: int, seq: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": torch.randint(0, vocab_size, (batch, seq), generator=g),
+        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+        "labels": torch.randint(0, 2, (batch,), generator=g),
+    }
+
+
+def init_distributed() -> str:
+    """A world of one, as DeepSpeed needs a process group even for a single process."""
+    with socket.socket() as s:  # a free port, so that two runs side by side do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    backend = "nccl" if CUDA else "gloo"
+    if CUDA:
+        torch.cuda.set_device(0)
+    dist.init_process_group(backend, rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend)
+    return backend
+
+
+class Flatray:
+    """One flatray optimizer (adam, sam or asam) in its own DeepSpeed engine."""
+
+    def __init__(self, optimizer: str, model: torch.nn.Module, batch: dict, args, total_steps: int):
+        self.name = f"flatray {optimizer.upper() if optimizer != 'adam' else 'Adam'}"
+        self.cfg = RunConfig(
+            model="tiny-bert",  # not read by the engine functions: the module is passed in
+            task="toy",
+            train={"batch_size": args.batch, "epochs": 1, "lr": 2e-5},
+            optimizer={"name": optimizer},
+            deepspeed={"zero_stage": args.zero_stage, "precision": args.precision, "gradient_clipping": 1.0},
+            scaling={"num_workers": 1, "use_gpu": CUDA},
+        )
+        self.engine = build_engine(model, self.cfg, world_size=1, total_steps=total_steps)
+        self.batch = {k: v.to(self.engine.device) for k, v in batch.items()}
+
+    def run(self, n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            sync()
+            t0 = time.perf_counter()
+            train_step(self.engine, self.batch, self.cfg)
+            sync()
+            times.append(time.perf_counter() - t0)
+        return times
+
+
+class RepeatedBatch(torch.utils.data.Dataset):
+    """The rows of the synthetic batch over and over, so that the Trainer's batches are the same tokens."""
+
+    def __init__(self, batch: dict, length: int):
+        self.batch, self.length, self.rows = batch, length, len(batch["labels"])
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[i % self.rows] for k, v in self.batch.items()}
+
+
+class HFTrainer:
+    """`transformers.Trainer` with its defaults (AdamW fused, linear schedule) and flatray's lr and clipping.
+
+    One Trainer for all rounds; each round is one `trainer.train()` call of `n` steps. The optimizer (and its state)
+    is kept across calls; the schedule restarts, which does not change the cost of a step. Only the time between
+    `on_step_begin` and `on_step_end` is counted: forward, backward, clipping, optimizer and scheduler step, not the
+    Trainer's start-up nor the data loading (the batch is fetched before `on_step_begin`).
+    """
+
+    name = "HF Trainer"
+
+    def __init__(self, model: torch.nn.Module, batch: dict, args, output_dir: str):
+        from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+        class StepTimer(TrainerCallback):
+            def __init__(self):
+                self.times: list[float] = []
+
+            def on_step_begin(self, *_, **__):
+                sync()
+                self.t0 = time.perf_counter()
+
+            def on_step_end(self, *_, **__):
+                sync()
+                self.times.append(time.perf_counter() - self.t0)
+
+        self.timer = StepTimer()
+        targs = TrainingArguments(
+            output_dir=output_dir,
+            per_device_train_batch_size=args.batch,
+            max_steps=1,  # set per call in run()
+            learning_rate=2e-5,
+            max_grad_norm=1.0,  # = flatray's deepspeed.gradient_clipping
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            use_cpu=not CUDA,
+            bf16=args.precision == "bf16",
+        )
+        # Enough rows for the longest call, so that no call crosses an epoch boundary.
+        data = RepeatedBatch(batch, args.batch * max(args.steps, args.warmup))
+        self.trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=[self.timer])
+        self.trainer.remove_callback(PrinterCallback)  # it prints the end-of-train() metrics, even with logging off
+        # A DDP wrapper would add a gradient all-reduce that flatray does not pay (see main() for how it is avoided).
+        kind = str(self.trainer.accelerator.distributed_type)
+        if "NO" not in kind:
+            raise RuntimeError(f"HF Trainer set itself up as distributed ({kind}); the comparison would be unfair")
+
+    def run(self, n: int) -> list[float]:
+        self.trainer.args.max_steps = n
+        self.timer.times = []
+        self.trainer.train()
+        sync()
+        return list(self.timer.times)
+
+
+def hf_unavailable() -> str | None:
+    """The Trainer needs accelerate; without it the HF contender is left out rather than the whole run."""
+    from transformers.utils import is_accelerate_available
+
+    if not is_accelerate_available():
+        return "accelerate is not installed (the Trainer needs it: pip install 'accelerate>=1.1.0')"
+    return None
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(os.cpu_count())  # once, the same for every contender
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # engine set-up chatter would bury the table
+
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(bert_config(args.model_size))
+    batch = synthetic_batch(base.config.vocab_size, args.batch, args.seq)
+    total_steps = args.warmup + args.rounds * args.steps
+
+    # The HF Trainer is built first, before the DeepSpeed process group and its LOCAL_RANK/WORLD_SIZE variables
+    # exist: Accelerate decides once, from those variables, whether a run is distributed, and with LOCAL_RANK set it
+    # goes MULTI_CPU/MULTI_GPU (a DDP wrapper, and on CPU it also resets torch's thread count). Built before, it is
+    # a plain single-process Trainer, and stays one in later train() calls.
+    # deepcopy = a fresh model per contender with the same initial weights; each engine/Trainer owns its copy.
+    hf_skipped = hf_unavailable()
+    tmp = tempfile.TemporaryDirectory(prefix="step_cost_")
+    hf = None if hf_skipped else HFTrainer(copy.deepcopy(base), batch, args, tmp.name)
+    backend = init_distributed()
+    contenders = [Flatray(o, copy.deepcopy(base), batch, args, total_steps) for o in ("adam", "sam", "asam")]
+    contenders += [hf] if hf else []
+    del base
+
+    for c in contenders:  # warm-up: first-call allocations, lazy optimizer state, kernel selection
+        c.run(args.warmup)
+    times: dict[str, list[float]] = {c.name: [] for c in contenders}
+    for r in range(args.rounds):
+        for c in contenders:
+            times[c.name] += c.run(args.steps)
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {1000 * statistics.median(v[-args.steps:]):.0f} ms"
+                                                           for k, v in times.items()), flush=True)
+    tmp.cleanup()
+
+    median = {k: statistics.median(v) for k, v in times.items()}
+    adam = median["flatray Adam"]
+    ratios = {"sam_over_adam_step_time": median["flatray SAM"] / adam,
+              "asam_over_adam_step_time": median["flatray ASAM"] / adam}
+    if "HF Trainer" in median:
+        ratios["flatray_over_hf_samples_per_s"] = median["HF Trainer"] / adam  # samples/s ratio = inverse time ratio
+
+    device = torch.cuda.get_device_name(0) if CUDA else f"CPU ({platform.processor() or platform.machine()})"
+    versions = {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__}
+    print()
+    print(f"device: {device}, {torch.get_num_threads()} torch threads, backend {backend}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    print(f"model: bert-{args.model_size}, batch {args.batch}, seq {args.seq}, {args.precision}, ZeRO {args.zero_stage}; "
+          f"{args.rounds} rounds x {args.steps} timed steps after {args.warmup} warm-up")
+    print()
+    print(f"{'contender':<15}{'median ms/step':>16}{'min-max ms':>18}{'samples/s':>12}")
+    for k, v in times.items():
+        spread = f"{1000 * min(v):.0f}-{1000 * max(v):.0f}"
+        print(f"{k:<15}{1000 * median[k]:>16.1f}{spread:>18}{args.batch / median[k]:>12.2f}")
+    print()
+    print(f"SAM/Adam step time: {ratios['sam_over_adam_step_time']:.2f} (target <= {TARGET_SAM})")
+    print(f"ASAM/Adam step time: {ratios['asam_over_adam_step_time']:.2f} (target <= {TARGET_SAM})")
+    if hf_skipped:
+        print(f"flatray Adam / HF Trainer samples/s: n/a, HF Trainer skipped: {hf_skipped}")
+    else:
+        print(f"flatray Adam / HF Trainer samples/s: {ratios['flatray_over_hf_samples_per_s']:.2f} (target >= {TARGET_HF})")
+
+    if args.json:
+        report = {
+            "device": device, "threads": torch.get_num_threads(), "versions": versions,
+            "settings": {k: getattr(args, k) for k in ("model_size", "batch", "seq", "steps", "rounds", "warmup",
+                                                       "zero_stage", "precision")},
+            "contenders": {k: {"median_ms": 1000 * median[k], "samples_per_s": args.batch / median[k],
+                               "step_ms": [1000 * t for t in v]} for k, v in times.items()},
+            "ratios": ratios, "targets": {"sam_over_adam_step_time_max": TARGET_SAM, "flatray_over_hf_samples_per_s_min": TARGET_HF},
+            "hf_skipped": hf_skipped,
+        }
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
