@@ -207,6 +207,15 @@ def hf_unavailable() -> str | None:
     return None
 
 
+def step_ratios(step_time: dict[str, float]) -> dict[str, float]:
+    adam = step_time["flatray Adam"]
+    ratios = {"sam_over_adam_step_time": step_time["flatray SAM"] / adam,
+              "asam_over_adam_step_time": step_time["flatray ASAM"] / adam}
+    if "HF Trainer" in step_time:
+        ratios["flatray_over_hf_samples_per_s"] = step_time["HF Trainer"] / adam  # samples/s: the inverse time ratio
+    return ratios
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(os.cpu_count())  # once, the same for every contender
@@ -241,11 +250,10 @@ def main() -> None:
     tmp.cleanup()
 
     median = {k: statistics.median(v) for k, v in times.items()}
-    adam = median["flatray Adam"]
-    ratios = {"sam_over_adam_step_time": median["flatray SAM"] / adam,
-              "asam_over_adam_step_time": median["flatray ASAM"] / adam}
-    if "HF Trainer" in median:
-        ratios["flatray_over_hf_samples_per_s"] = median["HF Trainer"] / adam  # samples/s ratio = inverse time ratio
+    ratios = step_ratios(median)
+    # The fastest step of each is what the code costs with the machine to itself: on a box shared with other jobs the
+    # medians can still carry contention, and the ratios of the minimums tell whether they do.
+    ratios_min = step_ratios({k: min(v) for k, v in times.items()})
 
     device = torch.cuda.get_device_name(0) if CUDA else f"CPU ({platform.processor() or platform.machine()})"
     versions = {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__}
@@ -260,12 +268,13 @@ def main() -> None:
         spread = f"{1000 * min(v):.0f}-{1000 * max(v):.0f}"
         print(f"{k:<15}{1000 * median[k]:>16.1f}{spread:>18}{args.batch / median[k]:>12.2f}")
     print()
-    print(f"SAM/Adam step time: {ratios['sam_over_adam_step_time']:.2f} (target <= {TARGET_SAM})")
-    print(f"ASAM/Adam step time: {ratios['asam_over_adam_step_time']:.2f} (target <= {TARGET_SAM})")
-    if hf_skipped:
-        print(f"flatray Adam / HF Trainer samples/s: n/a, HF Trainer skipped: {hf_skipped}")
-    else:
-        print(f"flatray Adam / HF Trainer samples/s: {ratios['flatray_over_hf_samples_per_s']:.2f} (target >= {TARGET_HF})")
+    for label, key, target in (("SAM/Adam step time", "sam_over_adam_step_time", f"<= {TARGET_SAM}"),
+                               ("ASAM/Adam step time", "asam_over_adam_step_time", f"<= {TARGET_SAM}"),
+                               ("flatray Adam / HF Trainer samples/s", "flatray_over_hf_samples_per_s", f">= {TARGET_HF}")):
+        if key in ratios:
+            print(f"{label}: {ratios[key]:.2f} (target {target}; from the fastest steps: {ratios_min[key]:.2f})")
+        else:
+            print(f"{label}: n/a, HF Trainer skipped: {hf_skipped}")
 
     if args.json:
         report = {
@@ -274,7 +283,7 @@ def main() -> None:
                                                        "zero_stage", "precision")},
             "contenders": {k: {"median_ms": 1000 * median[k], "samples_per_s": args.batch / median[k],
                                "step_ms": [1000 * t for t in v]} for k, v in times.items()},
-            "ratios": ratios, "targets": {"sam_over_adam_step_time_max": TARGET_SAM, "flatray_over_hf_samples_per_s_min": TARGET_HF},
+            "ratios": ratios, "ratios_from_min": ratios_min, "targets": {"sam_over_adam_step_time_max": TARGET_SAM, "flatray_over_hf_samples_per_s_min": TARGET_HF},
             "hf_skipped": hf_skipped,
         }
         with open(args.json, "w") as f:
