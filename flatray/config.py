@@ -94,6 +94,22 @@ class ScalingConfig(Section):
     resources_per_worker: dict[str, float] | None = Field(None, description='e.g. {CPU: 4, GPU: 1}')
 
 
+class PruneConfig(Section):
+    """Unstructured pruning for this run (METHODS.md sections 3 and 4). Empty = a dense run."""
+
+    mask: str | None = Field(None, description="start from this mask file (ticket transfer); default: the parent's")
+    parent: str | None = Field(None, description="checkpoint folder whose trained weights are ranked (IMP level)")
+    sparsity: float | None = Field(None, ge=0, lt=1, description="prune the survivors to this sparsity over the prunable set")
+    method: Literal["magnitude", "random"] = "magnitude"
+    rewind: Literal["pretrained", "none"] = Field(
+        "pretrained", description="pretrained: reset kept weights to theta_0 (lottery ticket); none: continue from the parent"
+    )
+
+    @property
+    def active(self) -> bool:
+        return bool(self.mask or self.parent or self.sparsity is not None)
+
+
 class OutputConfig(Section):
     storage_path: str = Field("results", description="local folder or s3:// / gs:// URI (Ray's storage_path)")
     name: str | None = Field(None, description="run name; default <task>-<optimizer>-<config hash>")
@@ -107,6 +123,7 @@ class RunConfig(Section):
     optimizer: OptimizerConfig = OptimizerConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     scaling: ScalingConfig = ScalingConfig()
+    prune: PruneConfig = PruneConfig()
     output: OutputConfig = OutputConfig()
     address: str | None = Field(None, description="Ray cluster address; none = start a local Ray")
 
@@ -171,6 +188,15 @@ def _check_cross_field(cfg: RunConfig) -> None:
                     _fail(f"data.data_files.{split}", f, "an existing file")
     elif cfg.data.data_files:
         _fail("data.data_files", cfg.data.data_files, "nothing unless data.source is files")
+    p = cfg.prune
+    if p.mask and "://" not in p.mask and not Path(p.mask).expanduser().is_file():
+        _fail("prune.mask", p.mask, "an existing mask file (mask.safetensors)")
+    if p.parent and "://" not in p.parent and not list(Path(p.parent).expanduser().glob("model*.safetensors")):
+        _fail("prune.parent", p.parent, "a checkpoint folder with model.safetensors (a finished run's checkpoint)")
+    if p.rewind == "none" and not p.parent:
+        _fail("prune.rewind", "none", "pretrained, or a prune.parent to continue from")
+    if p.method == "random" and p.sparsity is None:
+        _fail("prune.sparsity", None, "a sparsity in [0, 1) for method: random")
     if cfg.train.batch_size % cfg.scaling.num_workers:
         _fail("train.batch_size", cfg.train.batch_size, f"a multiple of scaling.num_workers ({cfg.scaling.num_workers})")
     if cfg.deepspeed.precision != "fp32" and not cfg.scaling.use_gpu:

@@ -92,9 +92,20 @@ def evaluate(module, tokenized, spec, collate, cfg: RunConfig, device, rank: int
     return metrics
 
 
-def save_checkpoint(folder: Path, module, tokenizer, cfg: RunConfig, history: list[dict]) -> None:
-    """HF model folder + the run config + metrics of this epoch and of every epoch so far."""
+def zero_fraction(weights) -> float:
+    """Measured sparsity: the fraction of exactly-zero entries of the prunable weights."""
+    total = sum(w.numel() for w in weights)
+    return sum(int((w == 0).sum()) for w in weights) / total
+
+
+def save_checkpoint(folder: Path, module, tokenizer, cfg: RunConfig, history: list[dict], masks=None,
+                    mask_meta: dict | None = None) -> None:
+    """HF model folder + the run config + metrics of this epoch and of every epoch so far (+ the mask)."""
+    from flatray import prune
+
     module.save_pretrained(folder, safe_serialization=True)
+    if masks is not None:
+        prune.save_masks(folder / prune.MASK_FILE, masks, **(mask_meta or {}))
     tokenizer.save_pretrained(folder)
     (folder / "flatray_run.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     (folder / "metrics.json").write_text(json.dumps(history[-1], indent=2))
@@ -123,7 +134,7 @@ def train_worker(run_config: dict) -> None:
     from torch.utils.data import DataLoader, DistributedSampler
 
     from flatray import data as data_lib
-    from flatray import models
+    from flatray import models, prune
     from flatray.engine import build_engine, train_step
 
     quiet_libraries()
@@ -148,6 +159,8 @@ def train_worker(run_config: dict) -> None:
 
     seed_everything(cfg.train.seed)  # same head init on every worker (DeepSpeed also broadcasts rank 0's weights)
     model = models.load_model(cfg.model, spec)
+    masked, masks, mask_meta = prune.setup(model, cfg.prune, cfg.train.seed)  # before the engine copies weights
+    prunable = list(prune.prunable_weights(model).values())
     engine = build_engine(model, cfg, world, total_steps=cfg.train.epochs * len(loader))
     seed_everything(cfg.train.seed + rank)  # dropout masks differ across workers, reproducibly
 
@@ -158,6 +171,8 @@ def train_worker(run_config: dict) -> None:
         losses, last_note = [], start
         for step, batch in enumerate(loader, 1):
             losses.append(train_step(engine, {k: v.to(device) for k, v in batch.items()}, cfg))
+            if masked:
+                masked.enforce()
             if rank == 0 and time.perf_counter() - last_note > PROGRESS_EVERY_S:
                 # Progress as plain lines: they read well in Ray's forwarded logs, files and CI alike.
                 last_note = time.perf_counter()
@@ -165,7 +180,7 @@ def train_worker(run_config: dict) -> None:
                       f"loss {np.mean(losses[-50:]):.4f} ({step / (last_note - start):.2f} steps/s)", flush=True)
         metrics = evaluate(engine.module, tokenized, spec, collate, cfg, device, rank, world)
         metrics.update(epoch=epoch, train_loss=float(np.mean(losses)), lr=engine.get_lr()[0],
-                       epoch_seconds=time.perf_counter() - start)
+                       epoch_seconds=time.perf_counter() - start, sparsity=zero_fraction(prunable))
         improved = metrics["score"] > best
         best = max(best, metrics["score"])
         metrics["best_score"] = best
@@ -177,7 +192,7 @@ def train_worker(run_config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0 and improved:
-                save_checkpoint(Path(tmp), engine.module, tokenizer, cfg, history)
+                save_checkpoint(Path(tmp), engine.module, tokenizer, cfg, history, masks, mask_meta)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
 

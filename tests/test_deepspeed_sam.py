@@ -79,7 +79,34 @@ def worker(rank, world, port, out_dir):
                 state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
                 torch.save(state, os.path.join(out_dir, f"{world}-{stage}-{opt}-{scope}-{clip}.pt"))
             dist.barrier()
+    if world == 2:
+        masked_runs(rank, world, out_dir)
     dist.destroy_process_group()
+
+
+MASKED = [(stage, opt) for stage in STAGES for opt in ("sam", "asam")]
+
+
+def masked_runs(rank, world, out_dir):
+    """IMP-style masked training: pruned weights must stay exactly zero through the perturbation, the restore and
+    the (weight-decayed) AdamW step, on every rank. No `enforce()` here: the gradient masking alone must do it."""
+    import torch.distributed as dist
+
+    from flatray import prune
+    from flatray.engine import build_engine, train_step
+
+    for stage, opt in MASKED:
+        cfg = run_config(opt, "worker", 1.0, stage, world)
+        cfg.train.weight_decay = 0.01
+        model = new_model()
+        masks = prune.magnitude_masks(prune.prunable_weights(model), 0.5)
+        prune.MaskedModel(model, masks)
+        engine = build_engine(model, cfg, world, total_steps=STEPS)
+        for b in batches(model.config.vocab_size):
+            train_step(engine, shard(b, rank, world), cfg)
+        state = {k: v.detach().clone() for k, v in engine.module.state_dict().items() if k in masks}
+        torch.save({"state": state, "masks": masks}, os.path.join(out_dir, f"masked-{stage}-{opt}-rank{rank}.pt"))
+        dist.barrier()
 
 
 def grads(model, batch):
@@ -151,3 +178,17 @@ def test_deepspeed_matches_plain_pytorch(deepspeed_results, opt, scope, clip):
         assert moved > 1e-4, "training did not move the weights"
         for k in ref:
             torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-5, msg=lambda m: f"ZeRO {stage}, {k}: {m}")
+
+
+@pytest.mark.parametrize("stage,opt", MASKED)
+def test_pruned_weights_stay_exactly_zero(deepspeed_results, stage, opt):
+    world, out = deepspeed_results
+    if world != 2:
+        pytest.skip("masked training is checked at world size 2")
+    start = new_model().state_dict()
+    for rank in range(world):
+        saved = torch.load(os.path.join(out, f"masked-{stage}-{opt}-rank{rank}.pt"))
+        for name, mask in saved["masks"].items():
+            w = saved["state"][name]
+            assert (w[~mask] == 0).all(), f"rank {rank}: {name} has nonzero pruned weights"
+            assert not torch.equal(w[mask], start[name][mask]), f"{name}: kept weights did not train"
