@@ -19,8 +19,9 @@ per-input scale of some Linear/LayerNorm and is folded into it.
 
 from __future__ import annotations
 
-import json
+import copy
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -38,7 +39,7 @@ class CoFiConfig:
     ramp_steps: int  # steps over which the target sparsity ramps linearly from 0 to target_sparsity
     target_sparsity: float = 0.95
     alpha_ce: float = 1.0  # weight of the logit (KL) distillation
-    alpha_layer: float = 0.0  # weight of the layer (hidden state) distillation; CoFi's scripts use 0.9 with alpha_ce 0.1
+    alpha_layer: float = 0.0  # weight of the layer distillation (CoFi's scripts: 0.9, with alpha_ce 0.1)
     temperature: float = 2.0
     droprate_init: float = 0.5  # initial P(z = 0) of every mask
     limit_a: float = -0.1
@@ -69,7 +70,7 @@ class CoFiMasks(nn.Module):
         shapes = dict(attn_layer=(self.num_layers,), ffn_layer=(self.num_layers,),
                       heads=(self.num_layers, self.num_heads), units=(self.num_layers, self.intermediate_size),
                       hidden=(self.hidden_size,))
-        # P(z = 0) = sigmoid(beta * log(-a / b) - log_alpha) = p  <=>  log_alpha = beta * log(-a / b) + log((1 - p) / p).
+        # P(z = 0) = sigmoid(beta * log(-a / b) - log_alpha) = p  <=>  log_alpha = beta * log(-a / b) + log((1-p) / p)
         # (CoFi's code puts log_alpha at log((1 - p) / p), which for p = 0.5 gives P(z = 0) = 0.17; that init is
         # droprate_init = 0.168 here.) The 0.01 noise breaks ties for the deterministic top-k.
         p = cfg.droprate_init
@@ -194,14 +195,13 @@ def layer_loss(student_hidden: tuple, teacher_hidden: tuple, transform: nn.Modul
 # Masked forward through hooks
 
 
-def _layernorm_kept(ln: nn.LayerNorm, x: torch.Tensor, zh: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over the dims where zh != 0 (statistics of the kept dims only, as the pruned model computes them),
-    times zh; pruned dims are 0."""
-    kept = zh.nonzero().squeeze(-1)
+def _layernorm_kept(ln: nn.LayerNorm, x: torch.Tensor, zh: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the kept dims (`kept` = indices where zh != 0; statistics of the kept dims only, as the
+    pruned model computes them), times zh; pruned dims are 0."""
     if kept.numel() == 0:
         return torch.zeros_like(x)
     out = F.layer_norm(x.index_select(-1, kept), (kept.numel(),), ln.weight[kept], ln.bias[kept], ln.eps)
-    return x.new_zeros(x.shape).index_copy(-1, kept, out) * zh
+    return x.new_zeros(x.shape).index_copy(-1, kept, out) * zh.to(x.dtype)
 
 
 def attach(model, masks: CoFiMasks) -> Callable[[], None]:
@@ -214,26 +214,27 @@ def attach(model, masks: CoFiMasks) -> Callable[[], None]:
 
     def draw(_module, _args):
         state["z"] = masks()
+        state["kept"] = state["z"]["hidden"].detach().nonzero().squeeze(-1)  # one device sync per forward
 
-    def ln_hook(_module, args, _output):
-        return _layernorm_kept(_module, args[0], state["z"]["hidden"])
+    def ln_hook(module, args, _output):
+        return _layernorm_kept(module, args[0], state["z"]["hidden"], state["kept"])
 
     def heads_hook(layer):
         def hook(module, _args, output):
             ctx, *rest = output
             scale = state["z"]["heads"][layer].repeat_interleave(module.attention_head_size)
-            return (ctx * scale, *rest)
+            return (ctx * scale.to(ctx.dtype), *rest)
         return hook
 
     def scale_hook(layer, which):  # output dense of a block: the whole-layer z and the hidden mask
         def hook(_module, _args, output):
             z = state["z"]
-            return output * z[which][layer] * z["hidden"]
+            return output * (z[which][layer] * z["hidden"]).to(output.dtype)
         return hook
 
     def units_hook(layer):
         def hook(_module, _args, output):
-            return output * state["z"]["units"][layer]
+            return output * state["z"]["units"][layer].to(output.dtype)
         return hook
 
     handles.append(model.register_forward_pre_hook(draw))
@@ -340,7 +341,9 @@ def _folded_state(model, masks: CoFiMasks) -> tuple[dict, dict]:
         out[p + "attention.output.dense.bias"] = sd[p + "attention.output.dense.bias"][hk] * out_scale
         ln(p + "attention.output.LayerNorm")
 
-        units = z["units"][i].nonzero().squeeze(-1) if structure["intermediate_sizes"][i] else torch.zeros(0, dtype=torch.long)
+        units = z["units"][i].nonzero().squeeze(-1)
+        if not structure["intermediate_sizes"][i]:  # the whole FFN is off
+            units = units[:0]
         out[p + "intermediate.dense.weight"] = sd[p + "intermediate.dense.weight"][units][:, hk]
         out[p + "intermediate.dense.bias"] = sd[p + "intermediate.dense.bias"][units]
         out_scale = z["ffn_layer"][i] * zk
@@ -350,7 +353,7 @@ def _folded_state(model, masks: CoFiMasks) -> tuple[dict, dict]:
         ln(p + "output.LayerNorm")
     for head in _task_heads(model):
         cols(head + ".weight")
-    return {k: v.contiguous() for k, v in out.items()}, structure
+    return {k: v.to(sd[k].dtype).contiguous() for k, v in out.items()}, structure  # z is fp32
 
 
 def _meta_linear(n_in: int, n_out: int) -> nn.Linear:
@@ -391,8 +394,13 @@ def _resize(model, structure: dict) -> None:
 
 def _build(model_cls, config, structure: dict, state: dict):
     model = model_cls(config)
-    _resize(model, structure)
+    with warnings.catch_warnings():  # "Initializing zero-element tensors is a no-op" for removed layers
+        warnings.simplefilter("ignore", UserWarning)
+        _resize(model, structure)
     model.load_state_dict(state, strict=True, assign=True)
+    for p in model.parameters():  # the [0, D] / [D, 0] weights of removed layers: nothing to train, keep them
+        if p.numel() == 0:        # out of optimizers (and DeepSpeed's flat buffers)
+            p.requires_grad_(False)
     setattr(model.config, STRUCTURE_KEY, structure)  # an extra config attribute: written to config.json
     return model.eval()
 
@@ -401,8 +409,6 @@ def prune(model, masks: CoFiMasks) -> nn.Module:
     """A new, physically smaller model (same class as `model`, eval mode) computing what `model` with `attach`ed
     deterministic masks computes: zero heads, units, hidden dims and layers are removed and the kept z values are
     folded into the weights. `model` and `masks` are left unchanged; no hooks are needed on the result."""
-    import copy
-
     state, structure = _folded_state(model, masks)
     config = copy.deepcopy(model.config)
     pruned = _build(type(model), config, structure, state)

@@ -110,13 +110,39 @@ class PruneConfig(Section):
         return bool(self.mask or self.parent or self.sparsity is not None)
 
 
+class SharpnessConfig(Section):
+    """epsilon-sharpness (METHODS.md section 7) of the final model; at the end of a fine-tuning run when enabled."""
+
+    enabled: bool = False
+    eps: list[float] = Field([5e-3, 1e-3, 5e-4], min_length=1)
+    dim: int | None = Field(100, ge=1, description="random projection size p; null = the full parameter space")
+    samples: int = Field(256, gt=0, description="the fixed subset: the first `samples` training examples")
+    max_iter: int = Field(10, gt=0, description="L-BFGS-B iterations")
+
+    @field_validator("eps")
+    @classmethod
+    def _positive(cls, eps):
+        if any(e <= 0 for e in eps):
+            raise ValueError("positive numbers")
+        return eps
+
+
+class PTQConfig(Section):
+    """Post-training dynamic int8 quantization of a finished run (METHODS.md section 6), for kind: ptq."""
+
+    latency_batches: int = Field(20, gt=0, description="dev batches timed for CPU latency, before and after")
+
+
 class OutputConfig(Section):
     storage_path: str = Field("results", description="local folder or s3:// / gs:// URI (Ray's storage_path)")
     name: str | None = Field(None, description="run name; default <task>-<optimizer>-<config hash>")
 
 
 class RunConfig(Section):
-    model: str = Field(description="HF model id, local folder, or a short name: tiny-bert, minilm-offline")
+    kind: Literal["finetune", "ptq", "sharpness"] = Field(
+        "finetune", description="finetune (also IMP levels and transfers); ptq and sharpness measure model: a checkpoint"
+    )
+    model: str = Field(description="HF model id, local folder (e.g. a checkpoint), or a short name: tiny-bert, minilm-offline")
     task: str
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
@@ -124,6 +150,8 @@ class RunConfig(Section):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     scaling: ScalingConfig = ScalingConfig()
     prune: PruneConfig = PruneConfig()
+    sharpness: SharpnessConfig = SharpnessConfig()
+    ptq: PTQConfig = PTQConfig()
     output: OutputConfig = OutputConfig()
     address: str | None = Field(None, description="Ray cluster address; none = start a local Ray")
 
@@ -155,7 +183,9 @@ class RunConfig(Section):
 
     @property
     def run_name(self) -> str:
-        return self.output.name or f"{self.task}-{self.optimizer.name}-{self.run_hash()}"
+        """<task>-<optimizer or kind>-<hash> unless output.name is set."""
+        what = self.optimizer.name if self.kind == "finetune" else self.kind
+        return self.output.name or f"{self.task}-{what}-{self.run_hash()}"
 
     @property
     def storage_uri(self) -> str:
@@ -197,6 +227,10 @@ def _check_cross_field(cfg: RunConfig) -> None:
         _fail("prune.rewind", "none", "pretrained, or a prune.parent to continue from")
     if p.method == "random" and p.sparsity is None:
         _fail("prune.sparsity", None, "a sparsity in [0, 1) for method: random")
+    if cfg.kind != "finetune" and p.active:
+        _fail("prune", p.model_dump(exclude_defaults=True), f"no prune settings for kind {cfg.kind} (they are for finetune)")
+    if cfg.kind == "ptq" and cfg.scaling.use_gpu:
+        _fail("scaling.use_gpu", True, "false for kind ptq (dynamic int8 quantization runs on the CPU)")
     if cfg.train.batch_size % cfg.scaling.num_workers:
         _fail("train.batch_size", cfg.train.batch_size, f"a multiple of scaling.num_workers ({cfg.scaling.num_workers})")
     if cfg.deepspeed.precision != "fp32" and not cfg.scaling.use_gpu:

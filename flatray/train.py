@@ -17,6 +17,7 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,7 @@ def predict(module, features, collate, batch_size: int, device, rank: int, world
 
     part = features.select(shard(len(features), rank, world))
     outs = []
+    was_training = module.training
     module.eval()
     with torch.no_grad():
         for i in range(0, len(part), batch_size):
@@ -67,7 +69,7 @@ def predict(module, features, collate, batch_size: int, device, rank: int, world
                 outs.append(se.cpu().numpy())
             else:
                 outs.append(out.logits.float().cpu().numpy())
-    module.train()
+    module.train(was_training)
     local = np.concatenate(outs, axis=-2) if outs else None
     gathered = [local]
     if world > 1:
@@ -99,7 +101,7 @@ def zero_fraction(weights) -> float:
 
 
 def save_checkpoint(folder: Path, module, tokenizer, cfg: RunConfig, history: list[dict], masks=None,
-                    mask_meta: dict | None = None) -> None:
+                    mask_meta: dict | None = None, metrics: dict | None = None) -> None:
     """HF model folder + the run config + metrics of this epoch and of every epoch so far (+ the mask)."""
     from flatray import prune
 
@@ -108,7 +110,7 @@ def save_checkpoint(folder: Path, module, tokenizer, cfg: RunConfig, history: li
         prune.save_masks(folder / prune.MASK_FILE, masks, **(mask_meta or {}))
     tokenizer.save_pretrained(folder)
     (folder / "flatray_run.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    (folder / "metrics.json").write_text(json.dumps(history[-1], indent=2))
+    (folder / "metrics.json").write_text(json.dumps(metrics or history[-1], indent=2))
     (folder / "history.json").write_text(json.dumps(history, indent=2))
 
 
@@ -125,23 +127,52 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+@dataclass
+class Worker:
+    """What every kind of run needs in a worker: its place in the group, the task's data, the tokenizer."""
+
+    cfg: RunConfig
+    rank: int
+    world: int
+    device: object
+    spec: object
+    tokenizer: object
+    tokenized: object
+    collate: object
+
+    def evaluate(self, module) -> dict[str, float]:
+        return evaluate(module, self.tokenized, self.spec, self.collate, self.cfg, self.device, self.rank, self.world)
+
+    def report(self, metrics: dict, save=None) -> None:
+        """ray.train.report from every worker; rank 0 attaches a checkpoint written by `save(folder)`."""
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if self.rank == 0 and save is not None:
+                save(Path(tmp))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    def log(self, text: str) -> None:
+        if self.rank == 0:
+            print(f"[flatray] {text}", flush=True)
+
+
 def train_worker(run_config: dict) -> None:
-    """Ray Train's train_loop_per_worker: data, model, DeepSpeed engine, epochs, evaluation, reports."""
+    """Ray Train's train_loop_per_worker: set up, then the run's kind."""
     import deepspeed
     import ray.train
     import ray.train.torch
     import torch
-    from torch.utils.data import DataLoader, DistributedSampler
 
     from flatray import data as data_lib
-    from flatray import models, prune
-    from flatray.engine import build_engine, train_step
+    from flatray import models
 
     quiet_libraries()
     cfg = RunConfig.model_validate(run_config)
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    device = torch.device("cpu") if cfg.kind == "ptq" else ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
 
@@ -150,51 +181,138 @@ def train_worker(run_config: dict) -> None:
     raw = data_lib.load_raw(spec, cfg.data.source, cfg.data.path, cfg.data.data_files, seed=cfg.train.seed)
     tokenized = data_lib.tokenize(spec, raw, tokenizer, cfg.data.max_length, cfg.data.doc_stride,
                                   cfg.data.max_train_samples, cfg.data.max_eval_samples)
-    collate = data_lib.collator(tokenizer)
-    sampler = DistributedSampler(tokenized.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed)
-    loader = DataLoader(tokenized.train, batch_size=cfg.train.batch_size // world, sampler=sampler,
-                        collate_fn=collate, drop_last=True)
+    worker = Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, spec, tokenizer, tokenized,
+                    data_lib.collator(tokenizer))
+    {"finetune": finetune, "ptq": post_training_quantization, "sharpness": measure_only}[cfg.kind](worker)
+
+
+def finetune(w: Worker) -> None:
+    """Epochs of Adam/SAM/ASAM steps in a DeepSpeed engine (masked for IMP levels and transfers), evaluation after
+    each, a checkpoint when the dev score improves; sharpness of the best model at the end when asked."""
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from flatray import models, prune
+    from flatray.engine import build_engine, train_step
+
+    cfg = w.cfg
+    sampler = DistributedSampler(w.tokenized.train, num_replicas=w.world, rank=w.rank, shuffle=True,
+                                 seed=cfg.train.seed)
+    loader = DataLoader(w.tokenized.train, batch_size=cfg.train.batch_size // w.world, sampler=sampler,
+                        collate_fn=w.collate, drop_last=True)
     if len(loader) == 0:
-        raise ValueError(f"train set of {len(tokenized.train)} examples gives no full batch of {cfg.train.batch_size}")
+        raise ValueError(f"train set of {len(w.tokenized.train)} examples gives no full batch of {cfg.train.batch_size}")
 
     seed_everything(cfg.train.seed)  # same head init on every worker (DeepSpeed also broadcasts rank 0's weights)
-    model = models.load_model(cfg.model, spec)
+    model = models.load_model(cfg.model, w.spec)
     masked, masks, mask_meta = prune.setup(model, cfg.prune, cfg.train.seed)  # before the engine copies weights
     prunable = list(prune.prunable_weights(model).values())
-    engine = build_engine(model, cfg, world, total_steps=cfg.train.epochs * len(loader))
-    seed_everything(cfg.train.seed + rank)  # dropout masks differ across workers, reproducibly
+    engine = build_engine(model, cfg, w.world, total_steps=cfg.train.epochs * len(loader))
+    seed_everything(cfg.train.seed + w.rank)  # dropout masks differ across workers, reproducibly
 
-    best, history = -float("inf"), []
+    best, history, best_state = -float("inf"), [], None
     for epoch in range(1, cfg.train.epochs + 1):
         start = time.perf_counter()
         sampler.set_epoch(epoch)
         losses, last_note = [], start
         for step, batch in enumerate(loader, 1):
-            losses.append(train_step(engine, {k: v.to(device) for k, v in batch.items()}, cfg))
+            losses.append(train_step(engine, {k: v.to(w.device) for k, v in batch.items()}, cfg))
             if masked:
                 masked.enforce()
-            if rank == 0 and time.perf_counter() - last_note > PROGRESS_EVERY_S:
+            if time.perf_counter() - last_note > PROGRESS_EVERY_S:
                 # Progress as plain lines: they read well in Ray's forwarded logs, files and CI alike.
                 last_note = time.perf_counter()
-                print(f"[flatray] epoch {epoch}/{cfg.train.epochs} step {step}/{len(loader)} "
-                      f"loss {np.mean(losses[-50:]):.4f} ({step / (last_note - start):.2f} steps/s)", flush=True)
-        metrics = evaluate(engine.module, tokenized, spec, collate, cfg, device, rank, world)
+                w.log(f"epoch {epoch}/{cfg.train.epochs} step {step}/{len(loader)} "
+                      f"loss {np.mean(losses[-50:]):.4f} ({step / (last_note - start):.2f} steps/s)")
+        metrics = w.evaluate(engine.module)
         metrics.update(epoch=epoch, train_loss=float(np.mean(losses)), lr=engine.get_lr()[0],
                        epoch_seconds=time.perf_counter() - start, sparsity=zero_fraction(prunable))
         improved = metrics["score"] > best
         best = max(best, metrics["score"])
         metrics["best_score"] = best
         history.append(metrics)
-        if rank == 0:
-            shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" in k)
-            print(f"[flatray] epoch {epoch}/{cfg.train.epochs}  train_loss {metrics['train_loss']:.4f}  {shown}  "
-                  f"({metrics['epoch_seconds']:.1f} s){'  *best*' if improved else ''}", flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0 and improved:
-                save_checkpoint(Path(tmp), engine.module, tokenizer, cfg, history, masks, mask_meta)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" in k)
+        w.log(f"epoch {epoch}/{cfg.train.epochs}  train_loss {metrics['train_loss']:.4f}  {shown}  "
+              f"({metrics['epoch_seconds']:.1f} s){'  *best*' if improved else ''}")
+        if improved and cfg.sharpness.enabled:
+            best_state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        save = (lambda folder: save_checkpoint(folder, engine.module, w.tokenizer, cfg, history, masks, mask_meta))
+        w.report(metrics, save if improved else None)
+
+    if cfg.sharpness.enabled:
+        # Measured on the best dev model, which is then reported once more, with its sharpness, as the last word.
+        engine.module.load_state_dict(best_state)
+        final = {**max(history, key=lambda m: m["score"]), **sharpness_metrics(w, engine.module)}
+        w.report(final, lambda folder: save_checkpoint(folder, engine.module, w.tokenizer, cfg, history, masks,
+                                                       mask_meta, metrics=final))
+
+
+def sharpness_metrics(w: Worker, module) -> dict[str, float]:
+    """epsilon-sharpness on the first `samples` training examples, computed on rank 0 (the others wait)."""
+    from functools import partial
+
+    from flatray.sharpness import eval_subset_loss, sharpness_many
+
+    if w.rank != 0:
+        return {}
+    s = w.cfg.sharpness
+    subset = w.tokenized.train.select(range(min(s.samples, len(w.tokenized.train))))
+    size = w.cfg.train.eval_batch_size
+    batches = [w.collate([subset[j] for j in range(i, min(i + size, len(subset)))]) for i in range(0, len(subset), size)]
+    batches = [{k: v.to(w.device) for k, v in b.items()} for b in batches]
+    values = sharpness_many(module, partial(eval_subset_loss, batches=batches), eps_values=tuple(s.eps), dim=s.dim,
+                            max_iter=s.max_iter, seed=w.cfg.train.seed)
+    w.log("  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+    return values
+
+
+def measure_only(w: Worker) -> None:
+    """kind: sharpness: the dev metrics and the sharpness of a finished model (model: its checkpoint)."""
+    from flatray import models
+
+    model = models.load_model(w.cfg.model, w.spec).to(w.device)
+    metrics = {**w.evaluate(model), **sharpness_metrics(w, model)}
+
+    def save(folder: Path) -> None:  # Ray keeps a run's results with its checkpoints: the numbers, no weights
+        (folder / "flatray_run.yaml").write_text(yaml.safe_dump(w.cfg.model_dump(mode="json"), sort_keys=False))
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    w.report(metrics, save)
+
+
+def post_training_quantization(w: Worker) -> None:
+    """kind: ptq: dynamic int8 quantization of a finished model (model: its checkpoint), on the CPU: dev metric,
+    serialized size and latency per dev batch, before and after. The checkpoint holds the int8 state_dict."""
+    from flatray import models, quantize
+
+    float_model = models.load_model(w.cfg.model, w.spec).eval()
+    int8_model = quantize.quantize_dynamic_int8(float_model)
+    metrics = {}
+    for name, model in (("float", float_model), ("int8", int8_model)):
+        metrics.update({f"{name}/{k}": v for k, v in w.evaluate(model).items()})
+    metrics["score"] = metrics["int8/score"]
+    if w.rank == 0:
+        first = next(iter(w.tokenized.evals.values())).features
+        size = w.cfg.train.eval_batch_size
+        n = min(len(first), size * w.cfg.ptq.latency_batches)
+        batches = [w.collate([first[j] for j in range(i, min(i + size, n))]) for i in range(0, n, size)]
+        for name, model in (("float", float_model), ("int8", int8_model)):
+            metrics[f"{name}/size_mb"] = quantize.serialized_bytes(model) / 2**20
+            metrics[f"{name}/latency_ms"] = 1000 * quantize.cpu_latency(model, batches)
+        metrics["size_ratio"] = metrics["float/size_mb"] / metrics["int8/size_mb"]
+        metrics["speedup"] = metrics["float/latency_ms"] / metrics["int8/latency_ms"]
+        w.log("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def save(folder: Path) -> None:
+        import torch
+
+        torch.save(int8_model.state_dict(), folder / quantize.INT8_FILE)
+        float_model.config.save_pretrained(folder)
+        w.tokenizer.save_pretrained(folder)
+        (folder / "flatray_run.yaml").write_text(yaml.safe_dump(w.cfg.model_dump(mode="json"), sort_keys=False))
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    w.report(metrics, save)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,8 +361,8 @@ def make_trainer(cfg: RunConfig):
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
             storage_path=cfg.storage_uri,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="score",
-                                                         checkpoint_score_order="max"),
+            # Workers attach a checkpoint only when the dev score improves, so the latest one is the best one.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
         ),
     )
 
@@ -284,12 +402,12 @@ def main(argv: list[str] | None = None) -> int:
     if result.error:
         print(f"error: run failed: {result.error}", file=sys.stderr)
         return 1
-    best = result.best_checkpoints[0] if result.best_checkpoints else None
-    if best:
-        ckpt, metrics = best
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" in k)
-        print(f"[flatray] best dev (epoch {metrics['epoch']}): {shown}")
-        print(f"[flatray] best checkpoint: {ckpt.path}")
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
+                      if "/" in k or k in ("size_ratio", "speedup", "sparsity"))
+    print(f"[flatray] result: {shown}")
+    if result.best_checkpoints:
+        ckpt, metrics = result.best_checkpoints[0]
+        print(f"[flatray] best checkpoint (epoch {metrics.get('epoch', '-')}): {ckpt.path}")
     return 0
 
 

@@ -43,8 +43,14 @@ def reload_and_evaluate(folder):
     return compute_metrics(spec, dev, torch.cat(logits).numpy())
 
 
-def test_two_workers_learn_and_checkpoint_reloads(tmp_path, ray_session):
-    cfg, result = run(tmp_path, "a")
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory, ray_session):
+    folder = tmp_path_factory.mktemp("runs")
+    return folder, *run(folder, "a")
+
+
+def test_two_workers_learn_and_checkpoint_reloads(dense_run):
+    tmp_path, cfg, result = dense_run
     (best_ckpt, best_metrics), = result.best_checkpoints  # Ray keeps only the best dev checkpoint
     assert best_metrics["validation/accuracy"] > 0.9  # chance is 0.5
     folder = best_ckpt.path
@@ -82,6 +88,47 @@ def write_squad_files(folder):
     for name, part in (("train", rows[:160]), ("dev", rows[160:])):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
     return {"train": str(folder / "train.jsonl"), "validation": str(folder / "dev.jsonl")}
+
+
+def test_imp_level_from_the_parent_checkpoint(dense_run):
+    """One IMP level on Ray Train: prune the parent's trained weights to 20%, rewind, train with the mask."""
+    from flatray import prune
+
+    tmp_path, _, parent = dense_run
+    (parent_ckpt, _), = parent.best_checkpoints
+    _, level = run(tmp_path, "level1", **{"prune.parent": parent_ckpt.path, "prune.sparsity": 0.2,
+                                          "sharpness.enabled": "true", "sharpness.dim": 20, "sharpness.samples": 64,
+                                          "sharpness.eps": "[0.005]"})
+    (ckpt, metrics), = level.best_checkpoints
+    # sharpness of the best model comes last, with that model's metrics
+    assert level.metrics["sharpness/eps=0.005"] > 0 and level.metrics["score"] == metrics["score"]
+    assert metrics["sparsity"] == pytest.approx(0.2, abs=0.001)  # measured on the trained weights
+    assert metrics["validation/accuracy"] > 0.9
+    masks, meta = prune.load_masks(f"{ckpt.path}/{prune.MASK_FILE}")
+    assert meta["level"] == 1 and meta["source_task"] == "toy" and meta["optimizer"] == "sam"
+    assert meta["computed_from"].endswith(parent_ckpt.path.rstrip("/").split("/")[-1])
+    assert prune.sparsity(masks) == pytest.approx(0.2, abs=0.001)
+
+
+def test_ptq_and_sharpness_of_a_finished_run(dense_run):
+    from flatray import quantize
+
+    tmp_path, _, parent = dense_run
+    (parent_ckpt, parent_metrics), = parent.best_checkpoints
+    common = {"model": parent_ckpt.path, "task": "toy", "output": {"storage_path": str(tmp_path)}}
+    ptq = train.fit(config.from_dict({**common, "kind": "ptq", "ptq": {"latency_batches": 3}}))
+    m = ptq.metrics
+    assert m["float/validation/accuracy"] == pytest.approx(parent_metrics["validation/accuracy"], abs=1e-9)
+    assert abs(m["int8/validation/accuracy"] - m["float/validation/accuracy"]) <= 0.02  # stated tolerance
+    assert m["int8/size_mb"] < m["float/size_mb"] and m["float/latency_ms"] > 0 and m["int8/latency_ms"] > 0
+    (ckpt, _), = ptq.best_checkpoints
+    reloaded = quantize.load_int8(ckpt.path, TASKS["toy"])
+    assert isinstance(reloaded.bert.encoder.layer[0].attention.self.query, torch.ao.nn.quantized.dynamic.Linear)
+
+    sharp = train.fit(config.from_dict({**common, "kind": "sharpness",
+                                        "sharpness": {"dim": 20, "samples": 64, "eps": [0.005, 0.0005]}}))
+    assert sharp.metrics["sharpness/eps=0.005"] > sharp.metrics["sharpness/eps=0.0005"] > 0
+    assert sharp.metrics["validation/accuracy"] == parent_metrics["validation/accuracy"]
 
 
 def test_squad_from_local_files_through_ray_train(tmp_path, ray_session):
