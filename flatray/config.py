@@ -133,14 +133,31 @@ class PTQConfig(Section):
     latency_batches: int = Field(20, gt=0, description="dev batches timed for CPU latency, before and after")
 
 
+class StructuredConfig(Section):
+    """CoFi structured pruning with distillation (METHODS.md section 5), for kind: structured. `model` is the
+    teacher (a finished fine-tuning checkpoint); the student starts as a copy of it."""
+
+    target_sparsity: float = Field(0.95, gt=0, lt=1)
+    prune_epochs: int = Field(20, gt=0, description="epochs of distillation with L0 masks and the Lagrangian")
+    finetune_epochs: int = Field(20, ge=0, description="epochs of fine-tuning the physically pruned student")
+    ramp_fraction: float = Field(0.5, gt=0, le=1, description="part of the pruning phase over which the target ramps up")
+    alpha_ce: float = Field(1.0, ge=0, description="weight of the KL distillation (temperature T)")
+    alpha_layer: float = Field(0.0, ge=0, description="weight of the hidden-state distillation (CoFi scripts: 0.9)")
+    temperature: float = Field(2.0, gt=0)
+    droprate_init: float = Field(0.5, gt=0, lt=1)
+    lr_masks: float = Field(0.01, gt=0)
+    lr_lambdas: float = Field(0.01, gt=0)
+
+
 class OutputConfig(Section):
     storage_path: str = Field("results", description="local folder or s3:// / gs:// URI (Ray's storage_path)")
     name: str | None = Field(None, description="run name; default <task>-<optimizer>-<config hash>")
 
 
 class RunConfig(Section):
-    kind: Literal["finetune", "ptq", "sharpness"] = Field(
-        "finetune", description="finetune (also IMP levels and transfers); ptq and sharpness measure model: a checkpoint"
+    kind: Literal["finetune", "ptq", "sharpness", "structured"] = Field(
+        "finetune", description="finetune (also IMP levels and transfers); ptq, sharpness and structured start "
+        "from model: a finished run's checkpoint"
     )
     model: str = Field(description="HF model id, local folder (e.g. a checkpoint), or a short name: tiny-bert, minilm-offline")
     task: str
@@ -152,6 +169,7 @@ class RunConfig(Section):
     prune: PruneConfig = PruneConfig()
     sharpness: SharpnessConfig = SharpnessConfig()
     ptq: PTQConfig = PTQConfig()
+    structured: StructuredConfig = StructuredConfig()
     output: OutputConfig = OutputConfig()
     address: str | None = Field(None, description="Ray cluster address; none = start a local Ray")
 
@@ -229,6 +247,10 @@ def _check_cross_field(cfg: RunConfig) -> None:
         _fail("prune.sparsity", None, "a sparsity in [0, 1) for method: random")
     if cfg.kind != "finetune" and p.active:
         _fail("prune", p.model_dump(exclude_defaults=True), f"no prune settings for kind {cfg.kind} (they are for finetune)")
+    if cfg.kind == "structured" and cfg.optimizer.name != "adam":
+        _fail("optimizer.name", cfg.optimizer.name, "adam for kind structured (P1 varies only the teacher's optimizer)")
+    if cfg.kind == "structured" and TASKS[cfg.task].kind == "qa":
+        _fail("task", cfg.task, "a GLUE task for kind structured (CoFi on SQuAD is not wired yet)")
     if cfg.kind == "ptq" and cfg.scaling.use_gpu:
         _fail("scaling.use_gpu", True, "false for kind ptq (dynamic int8 quantization runs on the CPU)")
     if cfg.train.batch_size % cfg.scaling.num_workers:

@@ -183,25 +183,19 @@ def train_worker(run_config: dict) -> None:
                                   cfg.data.max_train_samples, cfg.data.max_eval_samples)
     worker = Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, spec, tokenizer, tokenized,
                     data_lib.collator(tokenizer))
-    {"finetune": finetune, "ptq": post_training_quantization, "sharpness": measure_only}[cfg.kind](worker)
+    kinds = {"finetune": finetune, "ptq": post_training_quantization, "sharpness": measure_only,
+             "structured": structured}
+    kinds[cfg.kind](worker)
 
 
 def finetune(w: Worker) -> None:
     """Epochs of Adam/SAM/ASAM steps in a DeepSpeed engine (masked for IMP levels and transfers), evaluation after
     each, a checkpoint when the dev score improves; sharpness of the best model at the end when asked."""
-    import torch
-    from torch.utils.data import DataLoader, DistributedSampler
-
     from flatray import models, prune
     from flatray.engine import build_engine, train_step
 
     cfg = w.cfg
-    sampler = DistributedSampler(w.tokenized.train, num_replicas=w.world, rank=w.rank, shuffle=True,
-                                 seed=cfg.train.seed)
-    loader = DataLoader(w.tokenized.train, batch_size=cfg.train.batch_size // w.world, sampler=sampler,
-                        collate_fn=w.collate, drop_last=True)
-    if len(loader) == 0:
-        raise ValueError(f"train set of {len(w.tokenized.train)} examples gives no full batch of {cfg.train.batch_size}")
+    sampler, loader = train_loader(w)
 
     seed_everything(cfg.train.seed)  # same head init on every worker (DeepSpeed also broadcasts rank 0's weights)
     model = models.load_model(cfg.model, w.spec)
@@ -245,6 +239,114 @@ def finetune(w: Worker) -> None:
         final = {**max(history, key=lambda m: m["score"]), **sharpness_metrics(w, engine.module)}
         w.report(final, lambda folder: save_checkpoint(folder, engine.module, w.tokenizer, cfg, history, masks,
                                                        mask_meta, metrics=final))
+
+
+def train_loader(w: Worker):
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    cfg = w.cfg
+    sampler = DistributedSampler(w.tokenized.train, num_replicas=w.world, rank=w.rank, shuffle=True,
+                                 seed=cfg.train.seed)
+    loader = DataLoader(w.tokenized.train, batch_size=cfg.train.batch_size // w.world, sampler=sampler,
+                        collate_fn=w.collate, drop_last=True)
+    if len(loader) == 0:
+        raise ValueError(f"train set of {len(w.tokenized.train)} examples gives no full batch of {cfg.train.batch_size}")
+    return sampler, loader
+
+
+def structured(w: Worker) -> None:
+    """kind: structured (CoFi): distil the teacher (model: a checkpoint) into a student with hard-concrete masks and
+    a Lagrangian pulling the expected sparsity to a ramping target; remove what the masks prune; fine-tune the
+    smaller model. Both phases run in DeepSpeed engines; the masks' gradients are averaged over the workers here,
+    since DeepSpeed only reduces the parameters it wraps."""
+    import torch
+
+    from flatray import cofi, models
+    from flatray.engine import all_reduce_mean, build_engine, train_step
+
+    cfg, sc = w.cfg, w.cfg.structured
+    sampler, loader = train_loader(w)
+    seed_everything(cfg.train.seed)
+    teacher = models.load_model(cfg.model, w.spec).to(w.device).eval().requires_grad_(False)
+    student = models.load_model(cfg.model, w.spec)
+    ramp = max(1, int(sc.ramp_fraction * sc.prune_epochs * len(loader)))
+    ccfg = cofi.CoFiConfig(ramp_steps=ramp, target_sparsity=sc.target_sparsity, alpha_ce=sc.alpha_ce,
+                           alpha_layer=sc.alpha_layer, temperature=sc.temperature, droprate_init=sc.droprate_init,
+                           lr_masks=sc.lr_masks, lr_lambdas=sc.lr_lambdas)
+    masks = cofi.CoFiMasks(student.config, ccfg).to(w.device)
+    mask_opt = cofi.mask_optimizer(masks)
+    detach = cofi.attach(student, masks)
+    engine = build_engine(student, cfg, w.world, total_steps=sc.prune_epochs * len(loader))
+    seed_everything(cfg.train.seed + w.rank)
+    prunable_before = cofi.count_prunable(teacher)
+
+    step, epoch = 0, 0
+    for _ in range(sc.prune_epochs):
+        epoch += 1
+        sampler.set_epoch(epoch)
+        losses = []
+        for batch in loader:
+            batch = {k: v.to(w.device) for k, v in batch.items()}
+            with torch.no_grad():
+                t_out = teacher(**batch, output_hidden_states=True)
+            s_out = engine(**batch, output_hidden_states=True)
+            target = cofi.target_at(step, ramp, sc.target_sparsity)
+            loss = (cofi.lagrangian(masks.expected_sparsity(), target, masks.lambda_1, masks.lambda_2)
+                    + sc.alpha_ce * cofi.kd_loss(s_out.logits, t_out.logits, sc.temperature))  # MSE for regression
+            if sc.alpha_layer:
+                loss = loss + sc.alpha_layer * cofi.layer_loss(s_out.hidden_states, t_out.hidden_states,
+                                                               attention_mask=batch.get("attention_mask"))
+            engine.backward(loss)
+            mask_params = list(masks.parameters())
+            for p, g in zip(mask_params, all_reduce_mean([p.grad for p in mask_params])):
+                if g is not None:
+                    p.grad.copy_(g)
+            engine.step()
+            mask_opt.step()
+            mask_opt.zero_grad()
+            losses.append(loss.item())
+            step += 1
+        masks.eval()
+        metrics = w.evaluate(engine.module)
+        masks.train()
+        metrics.update(epoch=epoch, phase=1, train_loss=float(np.mean(losses)), target_sparsity=target,
+                       expected_sparsity=float(masks.expected_sparsity()), lambda_1=float(masks.lambda_1))
+        w.log(f"prune epoch {epoch}/{sc.prune_epochs}  expected sparsity {metrics['expected_sparsity']:.4f} "
+              f"(target {target:.4f})  score {metrics['score']:.4f}")
+        w.report(metrics)
+
+    detach()
+    masks.eval()
+    small = cofi.prune(engine.module, masks).train()
+    real = {"params": sum(p.numel() for p in small.parameters()), "teacher_params": sum(p.numel() for p in teacher.parameters()),
+            "sparsity": 1 - cofi.count_prunable(small) / prunable_before}
+    w.log(f"pruned: {real['params']:,} parameters (teacher {real['teacher_params']:,}), "
+          f"sparsity {real['sparsity']:.4f} over the encoder's Q/K/V/O/FFN weights")
+    del engine
+    engine = build_engine(small, cfg, w.world, total_steps=max(1, sc.finetune_epochs * len(loader)))
+    best, history = -float("inf"), []
+    for _ in range(max(1, sc.finetune_epochs)):  # 0 fine-tuning epochs: evaluate and save the pruned model as is
+        epoch += 1
+        losses = []
+        if sc.finetune_epochs:
+            sampler.set_epoch(epoch)
+            for batch in loader:
+                losses.append(train_step(engine, {k: v.to(w.device) for k, v in batch.items()}, cfg))
+        metrics = {**w.evaluate(engine.module), **real, "epoch": epoch, "phase": 2,
+                   "train_loss": float(np.mean(losses)) if losses else float("nan")}
+        improved = metrics["score"] > best
+        best = max(best, metrics["score"])
+        history.append(metrics)
+        w.log(f"fine-tune epoch {epoch}  score {metrics['score']:.4f}{'  *best*' if improved else ''}")
+
+        def save(folder: Path) -> None:
+            cofi.save_pruned(engine.module, folder)
+            w.tokenizer.save_pretrained(folder)
+            (folder / "flatray_run.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            (folder / "history.json").write_text(json.dumps(history, indent=2))
+
+        w.report(metrics, save if improved else None)
 
 
 def sharpness_metrics(w: Worker, module) -> dict[str, float]:

@@ -131,6 +131,30 @@ def test_ptq_and_sharpness_of_a_finished_run(dense_run):
     assert sharp.metrics["validation/accuracy"] == parent_metrics["validation/accuracy"]
 
 
+def test_structured_pruning_with_distillation_from_the_teacher(dense_run):
+    """CoFi on Ray Train: the fine-tuned run is the teacher; the saved student is physically smaller."""
+    from flatray import cofi
+
+    tmp_path, _, teacher_run = dense_run
+    (teacher_ckpt, _), = teacher_run.best_checkpoints
+    result = train.fit(config.from_dict({
+        "kind": "structured", "model": teacher_ckpt.path, "task": "toy",
+        "train": {"batch_size": 32, "lr": 1e-3, "seed": 0}, "scaling": {"num_workers": 2},
+        "structured": {"target_sparsity": 0.5, "prune_epochs": 2, "finetune_epochs": 1, "lr_masks": 0.1,
+                       "lr_lambdas": 0.1},
+        "output": {"storage_path": str(tmp_path)},
+    }))
+    (ckpt, metrics), = result.best_checkpoints
+    student = cofi.load_pruned(ckpt.path)
+    from transformers import AutoModelForSequenceClassification
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_ckpt.path)
+    assert metrics["params"] == sum(p.numel() for p in student.parameters()) < metrics["teacher_params"]
+    assert metrics["sparsity"] == pytest.approx(cofi.sparsity_of(student, teacher), abs=1e-9)
+    assert metrics["sparsity"] > 0.2
+    assert metrics["validation/accuracy"] > 0.7 and metrics["phase"] == 2
+
+
 def test_squad_from_local_files_through_ray_train(tmp_path, ray_session):
     files = write_squad_files(tmp_path)
     cfg = config.from_dict({
