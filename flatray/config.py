@@ -149,15 +149,56 @@ class StructuredConfig(Section):
     lr_lambdas: float = Field(0.01, gt=0)
 
 
+class SquatConfig(Section):
+    """SQuAT and its baselines (METHODS.md sections 8 and 9, a reconstruction from P2's abstract), for kind: squat.
+    `model` is the full-precision teacher (a finished fine-tuning checkpoint); the student starts as a copy of it.
+    optimizer adam = LSQ-QAT; sam/asam with alternate: true = SQuAT; with alternate: false = joint SAM + LSQ."""
+
+    weight_bits: int = Field(4, description="2, 3, 4 or 8")
+    act_bits: int | None = Field(8, description="input activations of the quantized Linears; null = full precision")
+    symmetric: bool = Field(False, description="weights in +-(2^(b-1) - 1) (ternary at 2 bits) instead of [-2^(b-1), 2^(b-1) - 1]")
+    embedding_bits: int | None = Field(None, description="null = full-precision embeddings, or 8")
+    layers: Literal["encoder", "encoder+pooler"] = "encoder"
+    init_scale: float = Field(1.0, gt=0, description="multiplies LSQ's step-size init 2 mean|v| / sqrt(Q_P)")
+    alternate: bool = True
+    period: int = Field(1, ge=1, description="optimizer steps per phase of the alternation (k)")
+    lr_steps: float = Field(1e-3, gt=0, description="lr of the step sizes (the latent weights use train.lr)")
+    task_loss: float = Field(0.0, ge=0, description="weight of the task loss on the labels")
+    kd_logits: float = Field(1.0, ge=0, description="weight of the logit distillation from the teacher")
+    kd_hidden: float = Field(0.0, ge=0, description="weight of the hidden-state MSE to the teacher")
+    kd_attention: float = Field(0.0, ge=0, description="weight of the attention-probability MSE to the teacher")
+    kd_temperature: float = Field(1.0, gt=0)
+
+    @field_validator("weight_bits")
+    @classmethod
+    def _bits(cls, bits):
+        if bits not in (2, 3, 4, 8):
+            raise ValueError("2, 3, 4 or 8")
+        return bits
+
+    @field_validator("act_bits", "embedding_bits")
+    @classmethod
+    def _act_bits(cls, bits):
+        if bits is not None and not 2 <= bits <= 8:
+            raise ValueError("null or 2 to 8")
+        return bits
+
+    @model_validator(mode="after")
+    def _some_loss(self):
+        if not (self.task_loss or self.kd_logits or self.kd_hidden or self.kd_attention):
+            raise ValueError("at least one of task_loss, kd_logits, kd_hidden, kd_attention above 0")
+        return self
+
+
 class OutputConfig(Section):
     storage_path: str = Field("results", description="local folder or s3:// / gs:// URI (Ray's storage_path)")
     name: str | None = Field(None, description="run name; default <task>-<optimizer>-<config hash>")
 
 
 class RunConfig(Section):
-    kind: Literal["finetune", "ptq", "sharpness", "structured"] = Field(
-        "finetune", description="finetune (also IMP levels and transfers); ptq, sharpness and structured start "
-        "from model: a finished run's checkpoint"
+    kind: Literal["finetune", "ptq", "sharpness", "structured", "squat"] = Field(
+        "finetune", description="finetune (also IMP levels and transfers); ptq, sharpness, structured and squat "
+        "start from model: a finished run's checkpoint"
     )
     model: str = Field(description="HF model id, local folder (e.g. a checkpoint), or a short name: tiny-bert, minilm-offline")
     task: str
@@ -170,6 +211,7 @@ class RunConfig(Section):
     sharpness: SharpnessConfig = SharpnessConfig()
     ptq: PTQConfig = PTQConfig()
     structured: StructuredConfig = StructuredConfig()
+    squat: SquatConfig = SquatConfig()
     output: OutputConfig = OutputConfig()
     address: str | None = Field(None, description="Ray cluster address; none = start a local Ray")
 

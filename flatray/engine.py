@@ -51,7 +51,7 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=o.betas, eps=o.eps)
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_steps: int):
+def lr_factor(cfg: RunConfig, total_steps: int):
     """Linear warm-up then linear decay to 0 (METHODS.md: no warm-up by default), or constant after warm-up."""
     warmup = math.floor(cfg.train.warmup_ratio * total_steps)
 
@@ -62,7 +62,11 @@ def make_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_steps:
             return 1.0
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total_steps))
 
 
 def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, total_steps: int):
@@ -73,33 +77,45 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, total_
         lr_scheduler=make_schedule(optimizer, cfg, total_steps),
         config=deepspeed_config(cfg, world_size),
     )
+    if world_size == 1 and cfg.deepspeed.zero_stage == 0:
+        # One worker has nothing to average; DeepSpeed would still flatten, "all-reduce" and copy every gradient.
+        engine.enable_backward_allreduce = False
     return engine
 
 
-def train_step(engine, batch: dict, cfg: RunConfig) -> float:
-    """One optimizer step on `batch`; returns the loss at the current weights (before any perturbation)."""
+def model_loss(model, batch: dict) -> torch.Tensor:
+    """The task loss the HF head computes from the batch's labels."""
+    return model(**batch).loss
+
+
+def train_step(engine, batch: dict, cfg: RunConfig, loss_fn=model_loss, sam: bool | None = None,
+               perturb: list | None = None) -> float:
+    """One optimizer step on `batch`; returns the loss at the current weights (before any perturbation).
+
+    `loss_fn(model, batch)` gives the loss (default: the task loss); `sam` overrides whether this step is a SAM/ASAM
+    step (default: the run's optimizer is sam or asam); `perturb` limits the perturbation to these parameters
+    (default: every trainable parameter; SQuAT perturbs the latent weights, not the step sizes)."""
     o = cfg.optimizer
-    if o.name == "adam":
-        loss = engine(**batch).loss
+    if not (o.name != "adam" if sam is None else sam):
+        loss = loss_fn(engine, batch)
         engine.backward(loss)
         engine.step()
         return loss.item()
 
-    params = [p for p in engine.module.parameters() if p.requires_grad]
-    loss = engine.module(**batch).loss
+    params = perturb if perturb is not None else [p for p in engine.module.parameters() if p.requires_grad]
+    loss = loss_fn(engine.module, batch)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     if o.sam_scope == "global":
         grads = all_reduce_mean(grads)
     eps = perturbation(params, grads, o.rho, adaptive=o.name == "asam", eta=o.eta)
     with torch.no_grad():
         saved = [p.detach().clone() for p in params]
-        for p, e in zip(params, eps):
-            if e is not None:
-                p.add_(e)
-    engine.backward(engine(**batch).loss)
+        moved = [(p, e) for p, e in zip(params, eps) if e is not None]
+        torch._foreach_add_([p for p, _ in moved], [e for _, e in moved])
+    del grads, eps, moved  # free them before the second pass
+    engine.backward(loss_fn(engine, batch))
     with torch.no_grad():
-        for p, w in zip(params, saved):
-            p.copy_(w)
+        torch._foreach_copy_(params, saved)  # restore by copy: exactly w again
     engine.step()
     return loss.item()
 

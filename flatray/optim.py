@@ -37,29 +37,19 @@ def perturbation(
     """The SAM/ASAM ascent step e for each parameter (None where there is no gradient).
 
     The norm runs over every parameter that has a gradient, in float32 so that bf16/fp16 weights get the same
-    direction as their fp32 master copy would.
+    direction as their fp32 master copy would. The grads are left untouched.
     """
-    scaled = []  # T * g per tensor, float32
-    for p, g in zip(params, grads):
-        if g is None:
-            scaled.append(None)
-            continue
-        t = scale_tensor(p, adaptive, eta)
-        g32 = g.detach().float()
-        scaled.append(g32 if t is None else t.float() * g32)
-    present = [s for s in scaled if s is not None]
+    present = [i for i, g in enumerate(grads) if g is not None]
     if not present:
         return [None] * len(params)
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in present]))
+    scales = [scale_tensor(params[i], adaptive, eta) for i in present]  # T, computed once per tensor
+    tg = [grads[i].detach().float() if t is None else t.float() * grads[i].float() for i, t in zip(present, scales)]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tg)))
     factor = rho / (norm + EPS)
-    out: list[torch.Tensor | None] = []
-    for p, s in zip(params, scaled):
-        if s is None:
-            out.append(None)
-            continue
-        t = scale_tensor(p, adaptive, eta)
-        e = s * factor if t is None else t.float() * s * factor  # T^2 g = T * (T g)
-        out.append(e.to(p.dtype))
+    out: list[torch.Tensor | None] = [None] * len(params)
+    for i, t, v in zip(present, scales, tg):
+        e = v * factor if t is None else v.mul_(t).mul_(factor)  # T^2 g = T (T g); v is ours only when T exists
+        out[i] = e.to(params[i].dtype)
     return out
 
 

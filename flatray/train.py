@@ -184,7 +184,7 @@ def train_worker(run_config: dict) -> None:
     worker = Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, spec, tokenizer, tokenized,
                     data_lib.collator(tokenizer))
     kinds = {"finetune": finetune, "ptq": post_training_quantization, "sharpness": measure_only,
-             "structured": structured}
+             "structured": structured, "squat": squat}
     kinds[cfg.kind](worker)
 
 
@@ -347,6 +347,88 @@ def structured(w: Worker) -> None:
             (folder / "history.json").write_text(json.dumps(history, indent=2))
 
         w.report(metrics, save if improved else None)
+
+
+def squat(w: Worker) -> None:
+    """kind: squat: low-bit LSQ quantization-aware training of a copy of the teacher (model: a checkpoint), with
+    SAM/ASAM on the latent weights alternating with steps on the step sizes (flatray.squat), distilled from the
+    teacher. A checkpoint holds the exported model (integer codes packed at b bits + step sizes)."""
+    from functools import partial
+
+    import torch
+
+    from flatray import lsq, models
+    from flatray import squat as squat_lib
+
+    cfg, sq = w.cfg, w.cfg.squat
+    sampler, loader = train_loader(w)
+    seed_everything(cfg.train.seed)
+    extra = {"attn_implementation": "eager"} if sq.kd_attention else {}  # attention probabilities need eager
+    teacher = models.load_model(cfg.model, w.spec, **extra).to(w.device).eval().requires_grad_(False)
+    student = models.load_model(cfg.model, w.spec, **extra)
+    lsq.quantize_model(student, lsq.QuantSpec(
+        weight_bits=sq.weight_bits, act_bits=sq.act_bits, symmetric=sq.symmetric, embedding_bits=sq.embedding_bits,
+        init_scale=sq.init_scale, layers=sq.layers))
+    student.to(w.device)
+    with torch.no_grad():  # activation step sizes start from one batch, the same on every worker
+        calibration = w.collate([w.tokenized.train[i] for i in range(min(cfg.train.batch_size, len(w.tokenized.train)))])
+        student(**{k: v.to(w.device) for k, v in calibration.items()})
+    latent = lsq.latent_params(student)
+    engine = squat_lib.build_engine(student, cfg, w.world, total_steps=cfg.train.epochs * len(loader))
+    seed_everything(cfg.train.seed + w.rank)
+
+    best, history, step = -float("inf"), [], 0
+    for epoch in range(1, cfg.train.epochs + 1):
+        start = time.perf_counter()
+        sampler.set_epoch(epoch)
+        losses = []
+        for batch in loader:
+            batch = {k: v.to(w.device) for k, v in batch.items()}
+            with torch.no_grad():
+                target = teacher(**batch, output_hidden_states=bool(sq.kd_hidden), output_attentions=bool(sq.kd_attention))
+            loss_fn = partial(distillation_loss, teacher_out=target, cfg=cfg)
+            losses.append(squat_lib.squat_step(engine, batch, cfg, step, loss_fn, latent))
+            step += 1
+        metrics = {**w.evaluate(engine.module), **lsq.level_fractions(engine.module), **lsq.mean_step_sizes(engine.module),
+                   "epoch": epoch, "train_loss": float(np.mean(losses)), "epoch_seconds": time.perf_counter() - start}
+        improved = metrics["score"] > best
+        best = max(best, metrics["score"])
+        history.append(metrics)
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(w.spec.eval_splits))
+        w.log(f"epoch {epoch}/{cfg.train.epochs}  train_loss {metrics['train_loss']:.4f}  {shown}"
+              f"{'  *best*' if improved else ''}")
+        if epoch == cfg.train.epochs and cfg.sharpness.enabled:
+            metrics.update(sharpness_metrics(w, engine.module))  # of the final model
+
+        def save(folder: Path, metrics=metrics) -> None:
+            lsq.export(engine.module, folder / lsq.EXPORT_FILE)
+            metrics["export_bytes"] = (folder / lsq.EXPORT_FILE).stat().st_size
+            w.tokenizer.save_pretrained(folder)
+            (folder / "flatray_run.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            (folder / "history.json").write_text(json.dumps(history, indent=2))
+
+        w.report(metrics, save if improved else None)
+
+
+def distillation_loss(model, batch: dict, teacher_out, cfg: RunConfig):
+    """SQuAT's objective: weighted task loss + logit KD (+ hidden-state and attention MSE) to the teacher."""
+    import torch.nn.functional as F
+
+    from flatray.cofi import kd_loss
+
+    sq = cfg.squat
+    out = model(**batch, output_hidden_states=bool(sq.kd_hidden), output_attentions=bool(sq.kd_attention))
+    loss = sq.task_loss * out.loss if sq.task_loss else 0.0
+    if sq.kd_logits:
+        pairs = ([(out.start_logits, teacher_out.start_logits), (out.end_logits, teacher_out.end_logits)]
+                 if hasattr(out, "start_logits") else [(out.logits, teacher_out.logits)])
+        loss = loss + sq.kd_logits * sum(kd_loss(s, t, sq.kd_temperature) for s, t in pairs) / len(pairs)
+    if sq.kd_hidden:
+        loss = loss + sq.kd_hidden * sum(F.mse_loss(s, t) for s, t in zip(out.hidden_states, teacher_out.hidden_states))
+    if sq.kd_attention:
+        loss = loss + sq.kd_attention * sum(F.mse_loss(s, t) for s, t in zip(out.attentions, teacher_out.attentions))
+    return loss
 
 
 def sharpness_metrics(w: Worker, module) -> dict[str, float]:
