@@ -1,6 +1,7 @@
 """A real Ray Train run: 2 workers, each a DeepSpeed engine (ZeRO 2, SAM), the tiny BERT on the built-in task."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -29,10 +30,10 @@ def run(tmp_path, name, **overrides):
     return cfg, train.fit(cfg)
 
 
-def reload_and_evaluate(folder):
+def reload_and_evaluate(folder, model=None):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    model = (model or AutoModelForSequenceClassification.from_pretrained(folder)).eval()
     tok = AutoTokenizer.from_pretrained(folder)
     spec = TASKS["toy"]
     dev = tokenize(spec, load_raw(spec, "builtin"), tok, max_length=32).evals["validation"]
@@ -153,6 +154,35 @@ def test_structured_pruning_with_distillation_from_the_teacher(dense_run):
     assert metrics["sparsity"] == pytest.approx(cofi.sparsity_of(student, teacher), abs=1e-9)
     assert metrics["sparsity"] > 0.2
     assert metrics["validation/accuracy"] > 0.7 and metrics["phase"] == 2
+
+
+def test_squat_from_the_full_precision_teacher(dense_run):
+    """SQuAT at 4 bits on Ray Train (2 workers, ZeRO 2), distilled from the fine-tuned run; the exported file
+    reloads into a model that gives the reported dev metric."""
+    from flatray import lsq
+
+    tmp_path, _, teacher_run = dense_run
+    (teacher_ckpt, _), = teacher_run.best_checkpoints
+    result = train.fit(config.from_dict({
+        "kind": "squat", "model": teacher_ckpt.path, "task": "toy",
+        "train": {"batch_size": 32, "lr": 1e-4, "epochs": 1, "seed": 0},
+        "optimizer": {"name": "sam", "rho": 0.05}, "deepspeed": {"zero_stage": 2},
+        "scaling": {"num_workers": 2},
+        "squat": {"weight_bits": 4, "act_bits": 8, "lr_steps": 1e-3},
+        "output": {"storage_path": str(tmp_path)},
+    }))
+    (ckpt, metrics), = result.best_checkpoints
+    assert metrics["validation/accuracy"] > 0.8  # chance is 0.5
+    assert abs(sum(v for k, v in metrics.items() if k.startswith("quant/level=")) - 1) < 1e-6
+    assert metrics["quant/step/query"] > 0
+    model = lsq.load_exported(f"{ckpt.path}/{lsq.EXPORT_FILE}")
+    assert reload_and_evaluate(ckpt.path, model)["accuracy"] == pytest.approx(metrics["validation/accuracy"], abs=1e-9)
+    quantized = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, lsq.QuantLinear)}
+    state = model.state_dict()
+    payload = (sum(state[k].numel() for k in quantized) * 4 // 8  # 4-bit codes
+               + sum(v.numel() * v.element_size() for k, v in state.items() if k not in quantized))
+    assert payload < metrics["export_bytes"] < 1.1 * payload  # the header is the rest
+    assert metrics["export_bytes"] < os.path.getsize(f"{teacher_ckpt.path}/model.safetensors")
 
 
 def test_squad_from_local_files_through_ray_train(tmp_path, ray_session):
