@@ -587,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: run failed: {result.error}", file=sys.stderr)
         return 1
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
-                      if "/" in k or k in ("size_ratio", "speedup", "sparsity"))
+                      if "/" in k or k in ("size_ratio", "speedup") or (k == "sparsity" and v))
     print(f"[flatray] result: {shown}")
     if result.best_checkpoints:
         ckpt, metrics = result.best_checkpoints[0]
