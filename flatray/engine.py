@@ -71,12 +71,13 @@ def make_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_steps:
 
 def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, total_steps: int):
     optimizer = make_optimizer(model, cfg)
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=make_schedule(optimizer, cfg, total_steps),
-        config=deepspeed_config(cfg, world_size),
-    )
+    return initialize(model, optimizer, make_schedule(optimizer, cfg, total_steps), cfg, world_size)
+
+
+def initialize(model, optimizer, schedule, cfg: RunConfig, world_size: int):
+    """deepspeed.initialize with flatray's config for this run."""
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                      config=deepspeed_config(cfg, world_size))
     if world_size == 1 and cfg.deepspeed.zero_stage == 0:
         # One worker has nothing to average; DeepSpeed would still flatten, "all-reduce" and copy every gradient.
         engine.enable_backward_allreduce = False

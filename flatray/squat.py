@@ -18,11 +18,10 @@ The same code gives the baselines the sweep compares: LSQ-QAT (optimizer adam), 
 
 from __future__ import annotations
 
-import deepspeed
 import torch
 
 from flatray.config import RunConfig
-from flatray.engine import deepspeed_config, lr_factor, train_step
+from flatray.engine import initialize, lr_factor, train_step
 
 
 def phase(step: int, cfg: RunConfig) -> str:
@@ -54,9 +53,7 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, total_
         return linear(step) * (phase(step, cfg) != "A")
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [weights, step_sizes])
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                      config=deepspeed_config(cfg, world_size))
-    return engine
+    return initialize(model, optimizer, schedule, cfg, world_size)
 
 
 def squat_step(engine, batch: dict, cfg: RunConfig, step: int, loss_fn, latent: list) -> float:
