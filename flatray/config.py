@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -307,19 +308,38 @@ def _check_cross_field(cfg: RunConfig) -> None:
 # Loading
 
 
+def _submodel(annotation) -> type[BaseModel] | None:
+    """The section model behind a field's annotation: Model, Model | None, or dict[str, Model] (its values)."""
+    candidates = [annotation, *typing.get_args(annotation)]
+    for c in candidates:
+        if isinstance(c, type) and issubclass(c, BaseModel):
+            return c
+    return None
+
+
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """The keys allowed at `loc` (the path of an unknown key), for the error message."""
-    for part in loc[:-1]:
+    parts = list(loc[:-1])
+    while parts:
+        part = parts.pop(0)
         field = model.model_fields.get(part) if isinstance(part, str) else None
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        if field is None:
             return []
-        model = ann
+        ann = field.annotation
+        if typing.get_origin(ann) is dict:  # e.g. experiments: dict[str, Experiment]: skip the name
+            parts = parts[1:]
+            ann = typing.get_args(ann)[1]
+        sub = _submodel(ann)
+        if sub is None:
+            return []
+        model = sub
     return list(model.model_fields)
 
 
-def _explain(err: ValidationError, source: str) -> str:
-    lines = [f"invalid run config ({source}):"]
+def explain(err: ValidationError, source: str, root: type[BaseModel] | None = None) -> str:
+    root = root or RunConfig
+    kind = "run config" if root is RunConfig else "sweep"
+    lines = [f"invalid {kind} ({source}):"]
     for e in err.errors():
         loc = tuple(e["loc"])
         if e["type"] == "cross_field":
@@ -329,7 +349,7 @@ def _explain(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in loc) or "<top level>"
         value = e.get("input")
         if e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(RunConfig, loc)
+            allowed = _allowed_keys(root, loc)
             hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             lines.append(
                 f"  {key}: unknown key; allowed here: {', '.join(allowed)}"
@@ -375,7 +395,7 @@ def from_dict(raw: Any, source: str = "<dict>", overrides: list[str] = ()) -> Ru
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_explain(err, source)) from None
+        raise ConfigError(explain(err, source)) from None
 
 
 def load(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
