@@ -58,6 +58,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per contender before the first round")
     p.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2))
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="torch threads (on a shared CPU, 1 gives steadier timings)")
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON here")
     args = p.parse_args()
     if args.precision == "bf16" and not CUDA:
@@ -218,7 +220,7 @@ def step_ratios(step_time: dict[str, float]) -> dict[str, float]:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(os.cpu_count())  # once, the same for every contender
+    torch.set_num_threads(args.threads)  # once, the same for every contender
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # engine set-up chatter would bury the table
 
     torch.manual_seed(0)

@@ -90,7 +90,8 @@ class MaskedModel:
     The weights are zeroed once, and a hook on each masked parameter zeroes its gradient whenever one is computed
     (by `backward` or `torch.autograd.grad`, so also SAM's first gradient: the perturbation is then zero there, and
     the norm only counts kept weights). With a zero gradient from the start, Adam's moments stay zero and so does
-    the update, in the engine's fp32 master copy too; `enforce` re-zeroes after each step as a guard.
+    the update, in the engine's fp32 master copy too (tests check this without `enforce`, which re-zeroes as a
+    cheap guard once per epoch).
     Apply it before building the DeepSpeed engine, so that the engine's master weights start masked.
     """
 

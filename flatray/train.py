@@ -211,13 +211,13 @@ def finetune(w: Worker) -> None:
         losses, last_note = [], start
         for step, batch in enumerate(loader, 1):
             losses.append(train_step(engine, {k: v.to(w.device) for k, v in batch.items()}, cfg))
-            if masked:
-                masked.enforce()
             if time.perf_counter() - last_note > PROGRESS_EVERY_S:
                 # Progress as plain lines: they read well in Ray's forwarded logs, files and CI alike.
                 last_note = time.perf_counter()
                 w.log(f"epoch {epoch}/{cfg.train.epochs} step {step}/{len(loader)} "
                       f"loss {np.mean(losses[-50:]):.4f} ({step / (last_note - start):.2f} steps/s)")
+        if masked:
+            masked.enforce()  # a guard: the masked gradients already keep pruned weights at exactly zero
         metrics = w.evaluate(engine.module)
         metrics.update(epoch=epoch, train_loss=float(np.mean(losses)), lr=engine.get_lr()[0],
                        epoch_seconds=time.perf_counter() - start, sparsity=zero_fraction(prunable))
