@@ -1,11 +1,13 @@
-"""One fine-tuning run: `python -m flatray.train RUN.yaml [--set key=value ...]`.
+"""One run: `python -m flatray.train RUN.yaml [--set key=value ...]`.
 
 The driver validates the run file (before Ray starts), then runs a Ray Train `TorchTrainer` whose workers each wrap
-the model in a DeepSpeed engine. Every epoch the workers evaluate on the dev split(s) and report metrics through
-`ray.train.report`; rank 0 attaches a checkpoint when the dev score improves, and Ray keeps the best one.
+the model in a DeepSpeed engine. The run's `kind` picks the worker's job: finetune (Adam/SAM/ASAM; IMP levels and
+ticket transfers are fine-tuning with a mask), structured (CoFi), squat (low-bit QAT), ptq, sharpness. Workers
+report metrics through `ray.train.report`; rank 0 attaches a checkpoint only when the dev score improves, so the
+latest checkpoint Ray keeps is the best one.
 
-A checkpoint folder is a plain Hugging Face model folder (config.json, model.safetensors, tokenizer files) plus
-`flatray_run.yaml` (the resolved run config) and `metrics.json`, so `from_pretrained(folder)` loads it.
+A fine-tuning checkpoint is a plain Hugging Face model folder (config.json, model.safetensors, tokenizer files) plus
+`flatray_run.yaml` (the resolved run config), `metrics.json`, `history.json` and, for pruned runs, `mask.safetensors`.
 """
 
 from __future__ import annotations
