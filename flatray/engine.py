@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from flatray.config import RunConfig
-from flatray.optim import perturbation
+from flatray.optim import perturb_
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")  # HF convention: no weight decay there
 
@@ -48,7 +48,8 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimi
             (no_decay if any(k in name for k in NO_DECAY) else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     o = cfg.optimizer
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=o.betas, eps=o.eps)
+    # fused: one kernel for the whole update (as HF's Trainer uses); same math as the default foreach AdamW
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=o.betas, eps=o.eps, fused=True)
 
 
 def lr_factor(cfg: RunConfig, total_steps: int):
@@ -108,17 +109,25 @@ def train_step(engine, batch: dict, cfg: RunConfig, loss_fn=model_loss, sam: boo
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     if o.sam_scope == "global":
         grads = all_reduce_mean(grads)
-    eps = perturbation(params, grads, o.rho, adaptive=o.name == "asam", eta=o.eta)
+    saved = backup_buffers(engine, params)
     with torch.no_grad():
-        saved = [p.detach().clone() for p in params]
-        moved = [(p, e) for p, e in zip(params, eps) if e is not None]
-        torch._foreach_add_([p for p, _ in moved], [e for _, e in moved])
-    del grads, eps, moved  # free them before the second pass
+        torch._foreach_copy_(saved, params)
+    perturb_(params, grads, o.rho, adaptive=o.name == "asam", eta=o.eta)
+    del grads  # free them before the second pass
     engine.backward(loss_fn(engine, batch))
     with torch.no_grad():
         torch._foreach_copy_(params, saved)  # restore by copy: exactly w again
     engine.step()
     return loss.item()
+
+
+def backup_buffers(engine, params: list) -> list:
+    """Where SAM keeps w during the second pass: allocated once per engine, not every step."""
+    buffers = getattr(engine, "_flatray_sam_backup", None)
+    if buffers is None or len(buffers) != len(params) or any(b.shape != p.shape for b, p in zip(buffers, params)):
+        buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
+        engine._flatray_sam_backup = buffers
+    return buffers
 
 
 def all_reduce_mean(grads):

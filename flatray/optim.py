@@ -53,6 +53,22 @@ def perturbation(
     return out
 
 
+@torch.no_grad()
+def perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], rho: float,
+             adaptive: bool = False, eta: float = 0.0) -> None:
+    """w <- w + e(w) in place; the same e as `perturbation`, without materialising it for plain SAM."""
+    pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
+    if not pairs:
+        return
+    if adaptive or any(p.dtype != torch.float32 or g.dtype != torch.float32 for p, g in pairs):
+        es = perturbation([p for p, _ in pairs], [g for _, g in pairs], rho, adaptive, eta)
+        torch._foreach_add_([p for p, _ in pairs], es)
+        return
+    ps, gs = [p for p, _ in pairs], [g for _, g in pairs]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs)))
+    torch._foreach_add_(ps, torch._foreach_mul(gs, rho / (norm + EPS)))
+
+
 class SAM(torch.optim.Optimizer):
     """Sharpness-aware minimisation around any torch optimizer.
 

@@ -146,3 +146,18 @@ def test_bad_arguments():
         SAM(make_model().parameters(), torch.optim.Adam, rho=-1.0)
     with pytest.raises(ValueError, match="closure"):
         SAM(make_model().parameters(), torch.optim.Adam).step()
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_in_place_perturbation_equals_the_formula(adaptive):
+    from flatray.optim import perturb_
+
+    model = make_model()
+    x, y = batch()
+    g = grads_at(model, x, y)
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    expected = perturbation(params, g, 0.3, adaptive=adaptive, eta=0.01)
+    perturb_(params, g, 0.3, adaptive=adaptive, eta=0.01)
+    for p, w, e in zip(params, before, expected):
+        torch.testing.assert_close(p - w, e, rtol=1e-5, atol=1e-7)
