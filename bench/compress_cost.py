@@ -25,16 +25,13 @@ import json
 import logging
 import os
 import platform
-import socket
 import statistics
 import time
 
 import torch
 
-CUDA = torch.cuda.is_available()
-# Set before deepspeed is imported (flatray.engine imports it): DeepSpeed picks its accelerator at import time.
-if not CUDA:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# common sets DS_ACCELERATOR before deepspeed is imported (DeepSpeed picks its accelerator at import time)
+from common import CUDA, init_distributed, sync  # noqa: E402
 
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -73,11 +70,6 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def sync() -> None:
-    """CUDA kernels run asynchronously: wait for them before reading the clock."""
-    if CUDA:
-        torch.cuda.synchronize()
-
 
 def synthetic_batches(vocab_size: int, n: int, batch: int, seq: int) -> list[dict[str, torch.Tensor]]:
     """Fixed-seed token ids from 1000 up: clear of [PAD]/[CLS]/[SEP]/[UNK] and the other low special ids
@@ -90,19 +82,6 @@ def synthetic_batches(vocab_size: int, n: int, batch: int, seq: int) -> list[dic
         "labels": torch.randint(0, 2, (batch,), generator=g),
     } for _ in range(n)]
 
-
-def init_distributed() -> str:
-    """A world of one, as DeepSpeed needs a process group even for a single process."""
-    with socket.socket() as s:  # a free port, so that two runs side by side do not collide
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    backend = "nccl" if CUDA else "gloo"
-    if CUDA:
-        torch.cuda.set_device(0)
-    dist.init_process_group(backend, rank=0, world_size=1)
-    deepspeed.init_distributed(dist_backend=backend)
-    return backend
 
 
 class Trainee:

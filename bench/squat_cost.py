@@ -34,22 +34,19 @@ import json
 import logging
 import os
 import platform
-import socket
 import statistics
 import time
 from functools import partial
 
 import torch
 
-CUDA = torch.cuda.is_available()
-# Set before deepspeed is imported (flatray.engine imports it): DeepSpeed picks its accelerator at import time.
-if not CUDA:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# common sets DS_ACCELERATOR before deepspeed is imported (DeepSpeed picks its accelerator at import time)
+from common import CUDA, bert_config, init_distributed, synthetic_batch, sync  # noqa: E402
 
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import transformers  # noqa: E402
-from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
+from transformers import BertForSequenceClassification  # noqa: E402
 
 from flatray import lsq, squat  # noqa: E402
 from flatray.config import RunConfig  # noqa: E402
@@ -86,39 +83,8 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def sync() -> None:
-    """CUDA kernels run asynchronously: wait for them before reading the clock."""
-    if CUDA:
-        torch.cuda.synchronize()
 
 
-def bert_config(size: str) -> BertConfig:
-    if size == "small":
-        return BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, num_labels=2)
-    return BertConfig(num_labels=2)
-
-
-def synthetic_batch(vocab_size: int, batch: int, seq: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {
-        "input_ids": torch.randint(0, vocab_size, (batch, seq), generator=g),
-        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
-        "labels": torch.randint(0, 2, (batch,), generator=g),
-    }
-
-
-def init_distributed() -> str:
-    """A world of one, as DeepSpeed needs a process group even for a single process."""
-    with socket.socket() as s:  # a free port, so that two runs side by side do not collide
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    backend = "nccl" if CUDA else "gloo"
-    if CUDA:
-        torch.cuda.set_device(0)
-    dist.init_process_group(backend, rank=0, world_size=1)
-    deepspeed.init_distributed(dist_backend=backend)
-    return backend
 
 
 def run_config(args, optimizer: str, quantized: bool, alternate: bool = False) -> RunConfig:
