@@ -132,6 +132,7 @@ class PTQConfig(Section):
     """Post-training dynamic int8 quantization of a finished run (METHODS.md section 6), for kind: ptq."""
 
     latency_batches: int = Field(20, gt=0, description="dev batches timed for CPU latency, before and after")
+    embeddings: bool = Field(False, description="also int8 embedding tables (weight-only, per row); P1: Linear only")
 
 
 class StructuredConfig(Section):

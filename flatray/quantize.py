@@ -16,12 +16,35 @@ import warnings
 import torch
 
 
-def quantize_dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """A quantized copy of `model` on the CPU (the float model is left as it was)."""
+class Int8Embedding(torch.ao.nn.quantized.Embedding):
+    """torch.ao's weight-only int8 embedding (one scale per row); its kernel needs contiguous indices, and BERT
+    passes a slice of its position_ids buffer."""
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return super().forward(indices.contiguous())
+
+    @classmethod
+    def from_float(cls, mod, use_precomputed_fake_quant=False):
+        quantized = super().from_float(mod, use_precomputed_fake_quant)
+        quantized.__class__ = cls  # the parent builds its own class by name
+        return quantized
+
+
+def quantize_dynamic_int8(model: torch.nn.Module, embeddings: bool = False) -> torch.nn.Module:
+    """A quantized copy of `model` on the CPU (the float model is left as it was). `embeddings=True` also stores
+    the embedding tables as int8 (weight-only, per row): beyond P1, which quantizes the Linear layers only."""
+    from torch.ao.quantization import default_dynamic_qconfig, float_qparams_weight_only_qconfig
+    from torch.ao.quantization.quantization_mappings import get_default_dynamic_quant_module_mappings
+
     float_copy = copy.deepcopy(model).cpu().eval()
+    spec = {torch.nn.Linear: default_dynamic_qconfig}
+    mapping = get_default_dynamic_quant_module_mappings()
+    if embeddings:
+        spec[torch.nn.Embedding] = float_qparams_weight_only_qconfig
+        mapping = {**mapping, torch.nn.Embedding: Int8Embedding}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return torch.ao.quantization.quantize_dynamic(float_copy, {torch.nn.Linear}, dtype=torch.qint8)
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+        return torch.ao.quantization.quantize_dynamic(float_copy, spec, dtype=torch.qint8, mapping=mapping)
 
 
 def serialized_bytes(model: torch.nn.Module) -> int:
@@ -50,12 +73,14 @@ INT8_FILE = "model_int8.pt"
 
 
 def load_int8(folder, spec) -> torch.nn.Module:
-    """The int8 model of a `kind: ptq` checkpoint: the float architecture from config.json, quantized, then the
-    saved int8 weights and scales loaded into it."""
+    """The int8 model of a `kind: ptq` checkpoint: the float architecture from config.json, quantized as the run
+    did (its flatray_run.yaml), then the saved int8 weights and scales loaded into it."""
+    import yaml
     from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(folder)
+    run = yaml.safe_load(open(f"{folder}/flatray_run.yaml"))
     cls = AutoModelForQuestionAnswering if spec.kind == "qa" else AutoModelForSequenceClassification
-    model = quantize_dynamic_int8(cls.from_config(config))
+    model = quantize_dynamic_int8(cls.from_config(config), embeddings=run["ptq"]["embeddings"])
     model.load_state_dict(torch.load(f"{folder}/{INT8_FILE}", weights_only=False))
     return model.eval()

@@ -472,7 +472,7 @@ def post_training_quantization(w: Worker) -> None:
     from flatray import models, quantize
 
     float_model = models.load_model(w.cfg.model, w.spec).eval()
-    int8_model = quantize.quantize_dynamic_int8(float_model)
+    int8_model = quantize.quantize_dynamic_int8(float_model, embeddings=w.cfg.ptq.embeddings)
     metrics = {}
     for name, model in (("float", float_model), ("int8", int8_model)):
         metrics.update({f"{name}/{k}": v for k, v in w.evaluate(model).items()})
