@@ -242,6 +242,23 @@ def _check(spec, raw: datasets.DatasetDict, where: str) -> datasets.DatasetDict:
     return datasets.DatasetDict(out)
 
 
+def _hub_error(spec: TaskSpec, hub_path: str, e: Exception) -> DataError:
+    return DataError(
+        f"could not load {hub_path!r} (config {spec.hub_config!r}) from the Hugging Face hub: "
+        f"{type(e).__name__}: {e}\nIf you are offline, fetch the data elsewhere and use source='files' with "
+        f"data_files={{'train': ..., {', '.join(repr(s) + ': ...' for s in spec.eval_splits)}}} "
+        f"(csv, tsv, json, jsonl or parquet) with {_layout_hint(spec)}")
+
+
+def check_hub(spec: TaskSpec, path: str | None = None) -> None:
+    """Fail fast, before any cluster work, when a hub dataset cannot be reached: only its metadata is fetched."""
+    hub_path = path or spec.hub_path
+    try:
+        datasets.load_dataset_builder(hub_path, spec.hub_config)
+    except Exception as e:
+        raise _hub_error(spec, hub_path, e) from e
+
+
 def load_raw(spec: TaskSpec, source: str = "hub", path: str | None = None,
              data_files: dict[str, str | list[str]] | None = None, seed: int = 0) -> datasets.DatasetDict:
     """Raw splits "train" + spec.eval_splits, from the hub, local files or (toy only) the built-in generator."""
@@ -256,11 +273,7 @@ def load_raw(spec: TaskSpec, source: str = "hub", path: str | None = None,
         try:
             raw = datasets.load_dataset(hub_path, spec.hub_config)
         except Exception as e:  # offline, unknown name, auth, ...: all end the same way for the user
-            raise DataError(
-                f"could not load {hub_path!r} (config {spec.hub_config!r}) from the Hugging Face hub: "
-                f"{type(e).__name__}: {e}\nIf you are offline, fetch the data elsewhere and use source='files' with "
-                f"data_files={{'train': ..., {', '.join(repr(s) + ': ...' for s in spec.eval_splits)}}} "
-                f"(csv, tsv, json, jsonl or parquet) with {_layout_hint(spec)}") from e
+            raise _hub_error(spec, hub_path, e) from e
         return _check(spec, raw, f"hub dataset {hub_path!r}")
     if source == "files":
         if not data_files:

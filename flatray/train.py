@@ -89,14 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="Ray cluster address (default: the run file's, else a local Ray)")
     args = parser.parse_args(argv)
 
-    from flatray import models
+    from flatray import data, models
 
     try:
         cfg = config_lib.load(args.run_file, args.set)
         if args.address:
             cfg.address = args.address
         models.resolve(cfg.model)  # a missing offline model fails here, not in a worker
-    except (ConfigError, models.ModelNotFound) as err:
+        if cfg.data.source == "hub":
+            data.check_hub(data.TASKS[cfg.task], cfg.data.path)  # so does an unreachable hub dataset
+    except (ConfigError, models.ModelNotFound, data.DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

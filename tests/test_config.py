@@ -123,6 +123,10 @@ def test_cli_fails_before_ray_starts(tmp_path, capsys):
     missing = write(tmp_path, "model: ./no/such/folder\ntask: toy\n")
     assert main([str(missing)]) == 2
     assert "no/such/folder" in capsys.readouterr().err
+    offline_hub = write(tmp_path, "model: tiny-bert\ntask: sst2\n")  # tests run with HF_DATASETS_OFFLINE=1
+    assert main([str(offline_hub)]) == 2
+    err = capsys.readouterr().err
+    assert "nyu-mll/glue" in err and "source='files'" in err
     if ray_was_imported:
         import ray
 
