@@ -275,9 +275,10 @@ def structured(w: Worker) -> None:
         losses = []
         for batch in loader:
             batch = {k: v.to(w.device) for k, v in batch.items()}
+            hidden = bool(sc.alpha_layer)  # hidden states only when the layer distillation uses them
             with torch.no_grad():
-                t_out = teacher(**batch, output_hidden_states=True)
-            s_out = engine(**batch, output_hidden_states=True)
+                t_out = teacher(**batch, output_hidden_states=hidden)
+            s_out = engine(**batch, output_hidden_states=hidden)
             target = cofi.target_at(step, ramp, sc.target_sparsity)
             loss = (cofi.lagrangian(masks.expected_sparsity(), target, masks.lambda_1, masks.lambda_2)
                     + sc.alpha_ce * cofi.kd_loss(s_out.logits, t_out.logits, sc.temperature))  # MSE for regression
