@@ -2,6 +2,8 @@
 
 import os
 import socket
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -48,3 +50,15 @@ def init_distributed() -> str:
     dist.init_process_group(backend, rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend=backend)
     return backend
+
+
+def time_calls(step: Callable[[], object], n: int) -> list[float]:
+    """Wall seconds of each of n calls of `step`, the device synchronised around each."""
+    times = []
+    for _ in range(n):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times

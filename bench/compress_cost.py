@@ -31,7 +31,7 @@ import time
 import torch
 
 # common sets DS_ACCELERATOR before deepspeed is imported (DeepSpeed picks its accelerator at import time)
-from common import CUDA, init_distributed, sync  # noqa: E402
+from common import CUDA, init_distributed, sync, time_calls  # noqa: E402
 
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -107,14 +107,7 @@ class Trainee:
         self.batch = {k: v.to(self.engine.device) for k, v in batch.items()}
 
     def run(self, n: int) -> list[float]:
-        times = []
-        for _ in range(n):
-            sync()
-            t0 = time.perf_counter()
-            train_step(self.engine, self.batch, self.cfg)  # masked: the gradient hooks are the whole cost
-            sync()
-            times.append(time.perf_counter() - t0)
-        return times
+        return time_calls(lambda: train_step(self.engine, self.batch, self.cfg), n)  # masked: the hooks are the cost
 
 
 def bench_training(base, batch, args) -> dict:
