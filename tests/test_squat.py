@@ -137,3 +137,38 @@ def test_world_size_two_matches_single_process(results, stage):
     single, multi = results("squat-weights-only")["state"], results(f"squat-w2-z{stage}")["state"]
     for k in single:
         torch.testing.assert_close(multi[k], single[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_four_bit_model_learns_the_builtin_task_from_scratch():
+    """LSQ at 4-bit weights and 8-bit activations, trained from the tiny BERT's random "pre-trained" weights (no
+    teacher), learns the toy task far above chance (0.5)."""
+    from flatray import lsq, models
+    from flatray.data import collator, compute_metrics, load_raw, tokenize
+
+    torch.manual_seed(0)
+    spec = TASKS["toy"]
+    tok = models.load_tokenizer("tiny-bert")
+    data = tokenize(spec, load_raw(spec, "builtin"), tok, max_length=32)
+    collate = collator(tok)
+    model = models.load_model("tiny-bert", spec)
+    lsq.quantize_model(model, lsq.QuantSpec(weight_bits=4, act_bits=8))
+    lsq.calibrate(model, collate([data.train[i] for i in range(32)]))
+    opt = torch.optim.AdamW([{"params": lsq.latent_params(model), "lr": 1e-3},
+                             {"params": lsq.step_size_params(model), "lr": 1e-3}])
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0)).tolist()
+    model.train()
+    for epoch in range(2):
+        for i in range(0, len(order) - 31, 32):
+            loss = model(**collate([data.train[j] for j in order[i:i + 32]])).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    dev = data.evals["validation"]
+    with torch.no_grad():
+        logits = torch.cat([model(**collate([dev.features[j] for j in range(i, min(i + 100, len(dev.features)))])).logits
+                            for i in range(0, len(dev.features), 100)])
+    assert compute_metrics(spec, dev, logits.numpy())["accuracy"] > 0.8
+    for m in model.modules():  # and the weights really are 4-bit
+        if isinstance(m, lsq.QuantLinear):
+            assert m.weight_quantizer.integers(m.weight).unique().numel() <= 16
