@@ -1,5 +1,6 @@
 """What the bench scripts share: the device, a single-process DeepSpeed world, synthetic BERT inputs."""
 
+import logging
 import os
 import socket
 import time
@@ -13,7 +14,7 @@ if not CUDA:
 
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from transformers import BertConfig  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 
 def sync() -> None:
@@ -27,6 +28,14 @@ def bert_config(size: str) -> BertConfig:
     if size == "small":
         return BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, num_labels=2)
     return BertConfig(num_labels=2)
+
+
+def start(threads: int, model_size: str) -> BertForSequenceClassification:
+    """Thread count and quiet DeepSpeed logging for the whole run, then the contenders' shared initial model."""
+    torch.set_num_threads(threads)  # once, the same for every contender
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # engine set-up chatter would bury the table
+    torch.manual_seed(0)
+    return BertForSequenceClassification(bert_config(model_size))
 
 
 def synthetic_batch(vocab_size: int, batch: int, seq: int) -> dict[str, torch.Tensor]:

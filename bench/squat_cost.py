@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 import os
 import platform
 import statistics
@@ -41,12 +40,11 @@ from functools import partial
 import torch
 
 # common sets DS_ACCELERATOR before deepspeed is imported (DeepSpeed picks its accelerator at import time)
-from common import CUDA, bert_config, init_distributed, synthetic_batch, sync  # noqa: E402
+from common import CUDA, init_distributed, start, synthetic_batch, sync  # noqa: E402
 
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import transformers  # noqa: E402
-from transformers import BertForSequenceClassification  # noqa: E402
 
 from flatray import lsq, squat  # noqa: E402
 from flatray.config import RunConfig  # noqa: E402
@@ -179,11 +177,7 @@ def ratios(s: dict[str, dict], key: str) -> dict[str, float]:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)  # once, the same for every contender
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # engine set-up chatter would bury the table
-
-    torch.manual_seed(0)
-    base = BertForSequenceClassification(bert_config(args.model_size))
+    base = start(args.threads, args.model_size)
     device = torch.device("cuda", 0) if CUDA else torch.device("cpu")
     batch = {k: v.to(device) for k, v in synthetic_batch(base.config.vocab_size, args.batch, args.seq).items()}
     total_steps = args.warmup + args.rounds * args.steps

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 import os
 import platform
 import statistics
@@ -30,12 +29,11 @@ import time
 import torch
 
 # common sets DS_ACCELERATOR before deepspeed is imported (DeepSpeed picks its accelerator at import time)
-from common import CUDA, bert_config, init_distributed, synthetic_batch, sync, time_calls  # noqa: E402
+from common import CUDA, init_distributed, start, synthetic_batch, sync, time_calls  # noqa: E402
 
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import transformers  # noqa: E402
-from transformers import BertForSequenceClassification  # noqa: E402
 
 from flatray.config import RunConfig  # noqa: E402
 from flatray.engine import build_engine, train_step  # noqa: E402
@@ -179,11 +177,7 @@ def step_ratios(step_time: dict[str, float]) -> dict[str, float]:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)  # once, the same for every contender
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # engine set-up chatter would bury the table
-
-    torch.manual_seed(0)
-    base = BertForSequenceClassification(bert_config(args.model_size))
+    base = start(args.threads, args.model_size)
     batch = synthetic_batch(base.config.vocab_size, args.batch, args.seq)
     total_steps = args.warmup + args.rounds * args.steps
 
