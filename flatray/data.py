@@ -1,4 +1,4 @@
-"""Tasks, loading, tokenization and evaluation for GLUE, SQuAD v1.1 and an offline toy task."""
+"""Tasks, loading, tokenization and evaluation for GLUE, SQuAD v1.1 and two offline toy tasks."""
 import hashlib
 import json
 import os
@@ -48,6 +48,9 @@ TASKS: dict[str, TaskSpec] = {
                       dict(max_length=384, doc_stride=128, batch_size=16, lr=3e-5, epochs=2)),
     "toy": TaskSpec("toy", None, None, ("sentence", None), 2, ("validation",), "accuracy", "classification",
                     dict(max_length=32, batch_size=32, lr=1e-3, epochs=3)),
+    # Same sentences, another rule (the subject decides): a second built-in task, for ticket transfer offline.
+    "toy-topic": TaskSpec("toy-topic", None, None, ("sentence", None), 2, ("validation",), "accuracy",
+                          "classification", dict(max_length=32, batch_size=32, lr=1e-3, epochs=3)),
 }
 _F1_TASKS = ("qqp", "mrpc")  # GLUE reports F1 next to accuracy for the two paraphrase tasks
 _QA_COLUMNS = ("id", "context", "question", "answers")
@@ -77,26 +80,37 @@ _TEMPLATES = ("{subj} was {adv} {adj} {fill}", "{subj} is {adj} {fill}", "i thin
               "{subj} , {fill} , looked {adj}")
 
 
-def _toy_sentences(rng, labels):
+def _toy_sentences(rng, labels, topic: bool = False):
+    """Sentiment: the adjective's list decides the label. Topic: whether the subject is in the first half of
+    _SUBJECTS does, and the adjective is random."""
     out = []
+    half = len(_SUBJECTS) // 2
     for label in labels:
-        adjs = _POSITIVE if label == 1 else _NEGATIVE
-        text = _TEMPLATES[rng.integers(len(_TEMPLATES))].format(
-            subj=_SUBJECTS[rng.integers(len(_SUBJECTS))], adv=_ADVERBS[rng.integers(len(_ADVERBS))],
+        template = _TEMPLATES[rng.integers(len(_TEMPLATES))]  # draws in the original order: toy's data is unchanged
+        if topic:
+            adjs = _POSITIVE if rng.integers(2) else _NEGATIVE
+            subj = _SUBJECTS[rng.integers(half) + (0 if label == 1 else half)]
+        else:
+            adjs = _POSITIVE if label == 1 else _NEGATIVE
+            subj = _SUBJECTS[rng.integers(len(_SUBJECTS))]
+        text = template.format(
+            subj=subj, adv=_ADVERBS[rng.integers(len(_ADVERBS))],
             adj=adjs[rng.integers(len(adjs))], fill=_FILLERS[rng.integers(len(_FILLERS))])
         text = " ".join(text.split()).replace(", ,", ",").strip(" ,")  # close gaps of empty adverbs/fillers
         out.append(text[0].upper() + text[1:] + " .")
     return out
 
 
-def toy_dataset(n_train: int = 2000, n_eval: int = 400, seed: int = 0) -> datasets.DatasetDict:
-    """Sentiment-like toy task in the SST-2 layout: one adjective from a fixed list decides the label."""
+def toy_dataset(n_train: int = 2000, n_eval: int = 400, seed: int = 0, task: str = "toy") -> datasets.DatasetDict:
+    """Built-in tasks in the SST-2 layout. toy: one adjective from a fixed list decides the label (sentiment-like);
+    toy-topic: the subject does (same vocabulary, another rule)."""
     rng = np.random.default_rng(seed)  # own generator: same seed -> same data, whatever else ran before
     splits = {}
     for split, n in (("train", n_train), ("validation", n_eval)):
         labels = rng.permutation(np.arange(n) % 2)  # exactly balanced (up to one for odd n)
-        rows = {"sentence": _toy_sentences(rng, labels), "label": labels.tolist(), "idx": list(range(n))}
-        splits[split] = _in_memory(rows, key=f"toy-v1-{split}-{n_train}-{n_eval}-{seed}")
+        rows = {"sentence": _toy_sentences(rng, labels, topic=task == "toy-topic"), "label": labels.tolist(),
+                "idx": list(range(n))}
+        splits[split] = _in_memory(rows, key=f"{task}-v1-{split}-{n_train}-{n_eval}-{seed}")
     return datasets.DatasetDict(splits)
 
 
@@ -263,9 +277,9 @@ def load_raw(spec: TaskSpec, source: str = "hub", path: str | None = None,
              data_files: dict[str, str | list[str]] | None = None, seed: int = 0) -> datasets.DatasetDict:
     """Raw splits "train" + spec.eval_splits, from the hub, local files or (toy only) the built-in generator."""
     if source == "builtin":
-        if spec.name != "toy":
-            raise DataError(f"source 'builtin' exists only for the toy task, not {spec.name!r}")
-        return toy_dataset(seed=seed)
+        if spec.hub_path is not None:
+            raise DataError(f"source 'builtin' exists only for the toy tasks, not {spec.name!r}")
+        return toy_dataset(seed=seed, task=spec.name)
     if source == "hub":
         hub_path = path or spec.hub_path
         if hub_path is None:

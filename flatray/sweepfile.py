@@ -68,6 +68,8 @@ class Experiment(Section):
     parent: str | None = None
     feed: Literal["each", "best"] = Field("each", description="which finished parent trials feed this experiment")
     group_by: list[str] = Field(default_factory=list, description="with feed: best, the best parent per group")
+    parent_levels: list[int] | None = Field(None, description="with an imp parent: only its trials at these levels "
+                                            "feed this experiment (e.g. [5] for tickets at 50%); default all")
     levels: int = Field(9, ge=1, description="imp: pruning levels after the dense parent (sparsity = level x step): "
                         "9 x 0.1 gives P1's 10 rounds, 0% to 90%")
     sparsity_step: float = Field(0.1, gt=0, lt=1)
@@ -79,6 +81,10 @@ class Experiment(Section):
             raise ValueError(f"kind {self.kind} needs a parent experiment")
         if self.kind == "finetune" and self.parent:
             raise ValueError("kind finetune has no parent (use imp or transfer to start from a parent's outputs)")
+        if self.parent and self.search and (self.search.algorithm != "grid" or any(
+                "grid" not in d and "choice" not in d for d in self.search.space.values())):
+            raise ValueError("a dependent experiment's search is a grid over its parent's trials: "
+                             "algorithm: grid, with grid or choice values only")
         if self.kind == "imp" and round(self.levels * self.sparsity_step, 9) >= 1:
             raise ValueError(f"levels x sparsity_step must stay below 1, got {self.levels} x {self.sparsity_step}")
         return self
@@ -217,6 +223,12 @@ def load(path: str | Path, overrides: list[str] = ()) -> SweepFile:
             if not _field_exists(key):
                 raise ConfigError(f"experiments.{name}.search.space: {key!r} is not a run-config key "
                                   f"(e.g. optimizer.rho, train.lr, train.seed, squat.lr_steps)")
+        if exp.parent_levels and sweep.experiments[exp.parent].kind != "imp":
+            raise ConfigError(f"experiments.{name}.parent_levels: got {exp.parent_levels}; expected nothing, "
+                              f"since its parent {exp.parent!r} is not an imp experiment")
+        if exp.parent_levels and not all(1 <= lv <= sweep.experiments[exp.parent].levels for lv in exp.parent_levels):
+            raise ConfigError(f"experiments.{name}.parent_levels: got {exp.parent_levels}; expected levels in "
+                              f"1..{sweep.experiments[exp.parent].levels} of {exp.parent!r}")
         for key in exp.group_by:
             if not _field_exists(key):
                 raise ConfigError(f"experiments.{name}.group_by: {key!r} is not a run-config key")

@@ -87,7 +87,7 @@ def _glue_files(spec, tmp_path, ext, n_train=24, n_eval=10):
 
 
 def test_task_registry():
-    assert set(TASKS) == {"mnli", "qqp", "qnli", "sst2", "rte", "mrpc", "cola", "stsb", "squad", "toy"}
+    assert set(TASKS) == {"mnli", "qqp", "qnli", "sst2", "rte", "mrpc", "cola", "stsb", "squad", "toy", "toy-topic"}
     assert TASKS["stsb"].kind == "regression" and TASKS["stsb"].num_labels == 1
     assert TASKS["mnli"].eval_splits == ("validation_matched", "validation_mismatched")
     assert TASKS["cola"].main_metric == "matthews" and TASKS["stsb"].main_metric == "pearson"
@@ -322,6 +322,17 @@ def test_toy_dataset_is_deterministic_and_balanced():
         assert (len(pos), len(neg)) == ((1, 0) if ex["label"] == 1 else (0, 1))
     raw = data.load_raw(TASKS["toy"], source="builtin", seed=0)
     assert raw["train"][:] == a["train"][:]
+
+
+def test_toy_topic_task_follows_the_subject_not_the_adjective():
+    topic = data.load_raw(TASKS["toy-topic"], source="builtin", seed=0)
+    first_half = data._SUBJECTS[:len(data._SUBJECTS) // 2]
+    for ex in topic["validation"]:
+        sentence = ex["sentence"].lower()
+        assert any(s in sentence for s in first_half) == (ex["label"] == 1)
+    assert sum(topic["train"]["label"]) == 1000
+    positive = [bool(set(ex["sentence"].lower().split()) & set(data._POSITIVE)) for ex in topic["train"]]
+    assert 0.4 < np.mean(positive) < 0.6  # the sentiment word says nothing about the topic label
 
 
 def test_toy_corpus_covers_the_toy_vocabulary(tokenizer):
