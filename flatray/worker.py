@@ -189,11 +189,17 @@ def finetune(w: Worker) -> None:
     model = models.load_model(cfg.model, w.spec)
     masked, masks, mask_meta = prune.setup(model, cfg.prune, cfg.train.seed)  # before the engine copies weights
     prunable = list(prune.prunable_weights(model).values())
+    history = resume_from_checkpoint(model)
     engine = build_engine(model, cfg, w.world, total_steps=cfg.train.epochs * len(loader))
+    for _ in range(len(history) and history[-1]["epoch"] * len(loader)):
+        engine.lr_scheduler.step()  # the schedule continues where the checkpoint left it
     seed_everything(cfg.train.seed + w.rank)  # dropout masks differ across workers, reproducibly
 
-    best, history, best_state = -float("inf"), [], None
-    for epoch in range(1, cfg.train.epochs + 1):
+    best = max((h["score"] for h in history), default=-float("inf"))
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if history else None
+    if history:
+        w.log(f"resumed from the checkpoint of epoch {history[-1]['epoch']} (best score {best:.4f})")
+    for epoch in range(history[-1]["epoch"] + 1 if history else 1, cfg.train.epochs + 1):
         start = time.perf_counter()
         sampler.set_epoch(epoch)
         losses, last_note = [], start
@@ -227,6 +233,24 @@ def finetune(w: Worker) -> None:
         final = {**max(history, key=lambda m: m["score"]), **sharpness_metrics(w, engine.module)}
         w.report(final, lambda folder: save_checkpoint(folder, engine.module, w.tokenizer, cfg, history, masks,
                                                        mask_meta, metrics=final))
+
+
+def resume_from_checkpoint(model) -> list[dict]:
+    """A retried or resumed run continues from the latest checkpoint Ray Train restored: its weights (masked ones
+    stay zero) and its epochs. The optimizer's moments start afresh: checkpoints are plain HF model folders."""
+    import ray.train
+    from safetensors.torch import load_file
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return []
+    with checkpoint.as_directory() as folder:
+        state = load_file(str(Path(folder) / "model.safetensors"))
+        history = json.loads((Path(folder) / "history.json").read_text())
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if "position_ids" not in k]:
+        raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return history
 
 
 def train_loader(w: Worker):
