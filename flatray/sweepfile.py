@@ -161,14 +161,32 @@ def order(experiments: dict[str, Experiment]) -> list[str]:
     return done
 
 
+def set_kind(raw: dict, kind: str) -> dict:
+    """The run kind of an experiment kind. PTQ measures int8 CPU latency, so its trials run on CPU workers even
+    when the sweep's defaults ask for GPUs."""
+    raw["kind"] = RUN_KIND[kind]
+    if kind == "ptq" and raw.get("scaling", {}).get("use_gpu"):
+        raw["scaling"] = {**raw["scaling"], "use_gpu": False, "resources_per_worker": None}
+        raw.setdefault("deepspeed", {})["precision"] = "fp32"
+    return raw
+
+
 def static_config(sweep: SweepFile, name: str) -> dict:
     """defaults + the experiment's overrides + its kind: the part of a trial's run config known before running."""
     exp = sweep.experiments[name]
-    raw = _merge(sweep.defaults, exp.config)
-    raw["kind"] = RUN_KIND[exp.kind]
+    raw = set_kind(_merge(sweep.defaults, exp.config), exp.kind)
     raw.setdefault("output", {})["storage_path"] = str(Path(sweep.storage) / sweep.name) if "://" not in sweep.storage \
         else f"{sweep.storage.rstrip('/')}/{sweep.name}"
     return raw
+
+
+def _inherited(sweep: SweepFile, name: str) -> dict:
+    """The first search point of each ancestor, as a child trial inherits its parent's point."""
+    exp = sweep.experiments[name]
+    if not exp.parent:
+        return {}
+    parent = sweep.experiments[exp.parent]
+    return {**_inherited(sweep, exp.parent), **first_point(parent.search.space if parent.search else {})}
 
 
 def first_point(space: dict[str, dict[str, list]]) -> dict[str, Any]:
@@ -182,9 +200,16 @@ def grid_points(space: dict[str, dict[str, list]]) -> int:
 
 def validate_run(sweep: SweepFile, name: str, point: dict[str, Any]) -> RunConfig:
     """The run config of one trial of `name` at `point`; a ConfigError names the experiment."""
-    raw = _merge(static_config(sweep, name), point)
-    if sweep.experiments[name].kind in NEEDS_PARENT and "model" not in raw:
-        raw["model"] = "tiny-bert"  # filled from the parent's checkpoint at run time
+    exp = sweep.experiments[name]
+    raw = _merge(_merge(static_config(sweep, name), _inherited(sweep, name)), exp.config)
+    raw = set_kind(_merge(raw, point), exp.kind)
+    # What the parent trial provides exists only at run time: stand-ins that pass the checks.
+    if exp.kind in NEEDS_PARENT and "model" not in raw:
+        raw["model"] = "tiny-bert"
+    if exp.kind == "imp":
+        raw.setdefault("prune", {}).update(sparsity=exp.sparsity_step, parent="parent://best-checkpoint")
+    if exp.kind == "transfer":
+        raw.setdefault("prune", {})["mask"] = "parent://mask.safetensors"
     try:
         return config_lib.from_dict(raw, source=f"experiment {name!r}")
     except ConfigError as err:
