@@ -17,7 +17,9 @@ Everything goes to `<root>/report/`: PNG figures, a CSV (numbers: mean, std, n) 
 what is missing. Statistics are over the trials of a cell (normally the seeds): the mean and the sample standard
 deviation (ddof=1, as the papers report; undefined for one trial). Values are in the units the runs report (the
 task's main dev metric as a fraction, e.g. 0.84 accuracy). Only trials with status `done` are used; the others
-(stopped, failed, unfinished, unreadable) are listed as missing. A partial sweep gives a partial report.
+(stopped, failed, unfinished, unreadable) are listed as missing. A partial sweep gives a partial report. A
+hyperparameter search inside a dependent experiment (several trials of one experiment from one parent, differing
+only in searched values) counts once, by its best dev score, before the statistics over seeds.
 
 With W&B settings (the sweep file's `wandb` section), the same figures and tables are logged to one W&B run
 (group = sweep name, job_type report, id `<sweep>-report`); a W&B failure is a warning.
@@ -48,8 +50,8 @@ SQUAT_METHODS = ("SQuAT", "SAM+LSQ joint", "LSQ-QAT + KD", "LSQ-QAT")
 SQUAT_TEACHER = "full precision (teacher)"
 METRIC_NAMES = {"accuracy": "accuracy", "matthews": "Matthews corr.", "pearson": "Pearson corr.", "f1": "F1"}
 # Columns the loader derives; metric keys that clash with them are kept as "metrics/<key>".
-DERIVED = ("id", "sweep", "experiment", "kind", "status", "task", "optimizer", "rho", "lr", "seed", "level", "parent", "root",
-           "prune_method", "sparsity_pct", "method", "source_task", "mask_optimizer", "mask_method", "bits",
+DERIVED = ("id", "sweep", "experiment", "kind", "status", "task", "optimizer", "rho", "lr", "seed", "level", "parent",
+           "root", "prune_method", "sparsity_pct", "method", "source_task", "mask_optimizer", "mask_method", "bits",
            "parent_optimizer", "parent_score", "parent_kind", "point", "config")
 
 
@@ -150,8 +152,8 @@ def _row(tid: str, raw: dict) -> dict:
     ancestors = _ancestors(tid, raw)
     parent = raw.get(ancestors[0]) if ancestors else None
     row: dict[str, Any] = dict(
-        id=tid, sweep=trial.get("sweep"), experiment=trial.get("experiment"), kind=kind, status=status, task=cfg.get("task"),
-        optimizer=_get(cfg, "optimizer.name", "adam"), rho=_num(_get(cfg, "optimizer.rho")),
+        id=tid, sweep=trial.get("sweep"), experiment=trial.get("experiment"), kind=kind, status=status,
+        task=cfg.get("task"), optimizer=_get(cfg, "optimizer.name", "adam"), rho=_num(_get(cfg, "optimizer.rho")),
         lr=_num(_get(cfg, "train.lr")), seed=_get(cfg, "train.seed"), level=trial.get("level"),
         parent=ancestors[0] if ancestors else None, root=ancestors[-1] if ancestors else tid,
         prune_method=_get(cfg, "prune.method", "magnitude"), point=trial.get("point") or {}, config=cfg,
@@ -176,6 +178,10 @@ def _row(tid: str, raw: dict) -> dict:
     elif kind == "squat":
         row["bits"] = _get(cfg, "squat.weight_bits")
         row["method"] = _squat_method(cfg)
+    elif kind == "finetune" and sparsity is not None:  # a mask from theta_0 without a chain: the random control
+        row["sparsity_pct"] = round(100 * _num(sparsity), 2)
+        how = row["prune_method"]
+        row["method"] = f"{row['optimizer']} {how}" + ("" if how == "random" else " one-shot")
     else:
         row["method"] = row["optimizer"]
     for key, value in metrics.items():
@@ -243,7 +249,7 @@ def _stats(df: pd.DataFrame, by: list[str], value: str = "score") -> pd.DataFram
     """mean, sample std (ddof=1) and count of `value` per group."""
     if df.empty or value not in df:
         return pd.DataFrame(columns=[*by, "mean", "std", "n"])
-    data = df.dropna(subset=[value])
+    data = df.assign(**{value: pd.to_numeric(df[value], errors="coerce")}).dropna(subset=[value])
     out = data.groupby(by, sort=True)[value].agg(mean="mean", std="std", n="count").reset_index()  # std: ddof=1
     out["n"] = out["n"].astype(int)
     return out
@@ -328,6 +334,16 @@ def _figure(n_panels: int, width: float = 5.0, height: float = 3.8, ncols: int =
     return fig, axes[:n_panels]
 
 
+def _log_x(ax) -> None:
+    """A log x axis labelled at 1, 2, 5 x 10^k in plain numbers (learning rates span a decade or two)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def _save(fig, out: Path, name: str) -> str:
     fig.savefig(out / name, dpi=110)
     return name
@@ -342,6 +358,18 @@ def _column(df: pd.DataFrame, name: str) -> pd.Series:
     return pd.to_numeric(df[name], errors="coerce") if name in df else pd.Series(math.nan, index=df.index)
 
 
+def _best_of_search(rows: pd.DataFrame, conditions: list[str]) -> pd.DataFrame:
+    """A search inside a dependent experiment (several trials of one experiment from one parent trial, with the
+    same conditions and seed: e.g. 12 Optuna samples of SQuAT's rho and lrs) counts once, by its best dev score.
+    Trials that differ in a condition (a grid over the optimizer, the target task, the bits) all stay."""
+    if rows.empty:
+        return rows
+    keys = [k for k in ["experiment", "parent", "seed", *conditions] if k in rows]
+    ranked = rows.assign(_score=pd.to_numeric(rows["score"], errors="coerce"))
+    ranked = ranked.sort_values("_score", ascending=False, na_position="last", kind="stable")
+    return ranked.drop_duplicates(keys).drop(columns="_score").sort_index()
+
+
 def _done(df: pd.DataFrame, kind: str) -> pd.DataFrame:
     return df[(df["kind"] == kind) & (df["status"] == "done")] if not df.empty else df
 
@@ -349,28 +377,53 @@ def _done(df: pd.DataFrame, kind: str) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------------ 1. IMP
 
 
+IMP_COLUMNS = ["id", "task", "optimizer", "prune_method", "method", "seed", "sparsity_pct", "score"]
+
+
+def _imp_points(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """The points of the IMP lines: every finished imp level, every pruned root fine-tuning run (a random mask
+    from theta_0, as P1's random control), and at 0% the dense models: the roots of the imp chains (level 1's
+    parent), each once per line of its task and optimizer. Returns (points, dense models, notes)."""
+    done = df[df["status"] == "done"] if not df.empty else df
+    imp = done[done["kind"] == "imp"] if not done.empty else done
+    pruned_roots = done[(done["kind"] == "finetune") & done["parent"].isna() & done["sparsity_pct"].notna()] \
+        if not done.empty and "sparsity_pct" in done else done.iloc[0:0]
+    lines = pd.concat([imp, pruned_roots], ignore_index=True)
+    if lines.empty:
+        return pd.DataFrame(columns=IMP_COLUMNS), pd.DataFrame(columns=IMP_COLUMNS), []
+    by_id = df.set_index("id")
+    dense, notes = [], []
+    for root, opt in sorted(set(zip(imp["root"], imp["optimizer"]))):
+        if root in by_id.index and by_id.at[root, "status"] == "done":
+            r = by_id.loc[root]
+            dense.append(dict(id=root, task=r["task"], optimizer=opt, seed=r["seed"], score=r["score"]))
+        else:
+            notes.append(f"imp: the dense root {root} of a {opt} chain is not finished (no 0% point from it)")
+    dense = pd.DataFrame(dense, columns=["id", "task", "optimizer", "seed", "score"])
+    zero = []
+    for (task, opt, how, method), _ in lines.groupby(["task", "optimizer", "prune_method", "method"]):
+        d = dense[(dense["task"] == task) & (dense["optimizer"] == opt)]
+        zero.append(d.assign(prune_method=how, method=method, sparsity_pct=0.0))
+    points = pd.concat([lines[IMP_COLUMNS], *[z[IMP_COLUMNS] for z in zero]], ignore_index=True)
+    return points, dense, notes
+
+
 def imp_sparsity(df: pd.DataFrame, out: Path) -> Section:
     """P1 Figure 2 / Table 1: the main metric of each IMP level per task, one line per optimizer x mask method;
     level 0 is the chain's root (the dense fine-tuned model), also drawn as a horizontal reference."""
     sec = Section("1. IMP: metric vs sparsity (P1 Figure 2 / Table 1)",
-                  "Lottery tickets by iterative magnitude pruning with rewinding (and random-mask controls). "
-                  "Level 0 = the dense fine-tuned model the chain starts from; dotted lines: the dense models' mean.")
-    imp = _done(df, "imp")
-    if imp.empty:
-        sec.missing.append("no finished imp trials: no IMP figure or table")
+                  "Lottery tickets by iterative magnitude pruning with rewinding, and random-mask controls "
+                  "(random IMP chains or pruned fine-tuning runs from theta_0). 0% = the dense fine-tuned models "
+                  "the chains start from (per task and optimizer); dotted lines: their mean.")
+    points, dense, notes = _imp_points(df)
+    sec.missing += notes
+    if points.empty:
+        sec.missing.append("no finished imp trials (or pruned fine-tuning runs): no IMP figure or table")
         return sec
-    by_id = df.set_index("id")
-    dense = []
-    for (root, opt, method), _ in imp.groupby(["root", "optimizer", "prune_method"]):
-        if root in by_id.index and by_id.at[root, "status"] == "done":
-            r = by_id.loc[root]
-            dense.append(dict(id=root, task=r["task"], optimizer=opt, prune_method=method, method=f"{opt} {method}",
-                              seed=r["seed"], sparsity_pct=0.0, score=r["score"]))
-        else:
-            sec.missing.append(f"imp: the dense root {root} of a {opt} {method} chain is not finished")
-    points = pd.concat([imp[["id", "task", "optimizer", "prune_method", "method", "seed", "sparsity_pct", "score"]],
-                        pd.DataFrame(dense)], ignore_index=True)
     stats = _stats(points, ["task", "method", "optimizer", "prune_method", "sparsity_pct"])
+    if stats.empty:
+        sec.missing.append("imp: no finished trial reported a score")
+        return sec
     sec.tables["imp_sparsity"] = stats
 
     tasks = _sorted_tasks(stats["task"])
@@ -379,11 +432,12 @@ def imp_sparsity(df: pd.DataFrame, out: Path) -> Section:
     sparsities = sorted(set(stats["sparsity_pct"]))
     table, missing = _pivot(stats, rows, ["task", "method"], "sparsity_pct", sparsities, _pct)
     sec.markdown["imp_sparsity"] = _markdown(table)
-    for task, method, s in missing:
-        if s in set(stats.loc[stats["task"] == task, "sparsity_pct"]):
+    how = dict(zip(stats["method"], stats["prune_method"]))
+    for task, method, s in missing:  # a gap where a line of the same task and mask method has a point
+        same = stats[(stats["task"] == task) & (stats["prune_method"] == how[method])]
+        if s in set(same["sparsity_pct"]):
             sec.missing.append(f"imp: {task} / {method} at {s:g}% sparsity: no finished trial")
 
-    dense_df = pd.DataFrame(dense)
     fig, axes = _figure(len(tasks))
     for ax, task in zip(axes, tasks):
         for method in methods:
@@ -393,8 +447,8 @@ def imp_sparsity(df: pd.DataFrame, out: Path) -> Section:
             opt, how = method.split(" ", 1)
             ax.errorbar(s["sparsity_pct"], s["mean"], yerr=_yerr(s["std"]), label=method, capsize=3,
                         color=COLORS.get(opt), linestyle=LINESTYLES.get(how, ":"), marker=MARKERS.get(how, "^"))
-        if not dense_df.empty:
-            ref = dense_df[dense_df["task"] == task].drop_duplicates("id").groupby("optimizer")["score"].mean()
+        if not dense.empty:
+            ref = dense[dense["task"] == task].groupby("optimizer")["score"].mean()
             for opt, value in ref.items():
                 ax.axhline(value, color=COLORS.get(opt, "gray"), linestyle=":", linewidth=1, label=f"{opt} dense")
         ax.set(title=f"{task}: IMP with rewinding", xlabel="sparsity (%)", ylabel=metric_label(task))
@@ -408,6 +462,13 @@ def imp_sparsity(df: pd.DataFrame, out: Path) -> Section:
 # ------------------------------------------------------------------------------------------------ 2, 3. transfer
 
 
+TRANSFER_CONDITIONS = ["task", "source_task", "mask_optimizer", "mask_method", "sparsity_pct", "optimizer"]
+
+
+def _transfers(df: pd.DataFrame) -> pd.DataFrame:
+    return _best_of_search(_done(df, "transfer"), TRANSFER_CONDITIONS)
+
+
 def _mask_label(opt: str, method: str) -> str:
     return opt if method == "magnitude" else f"{opt} ({method} mask)"
 
@@ -417,7 +478,7 @@ def transfer_mask_optimizer(df: pd.DataFrame, out: Path) -> Section:
     sec = Section("2. Mask source x re-training optimizer (P1 Table 6)",
                   "Transfers within a task: rows = the optimizer of the IMP chain that found the mask, "
                   "columns = the optimizer of the re-training run.")
-    tr = _done(df, "transfer")
+    tr = _transfers(df)
     same = tr[tr["task"] == tr["source_task"]] if not tr.empty else tr
     if same.empty:
         sec.missing.append("no finished same-task transfer trials: no mask x optimizer table")
@@ -428,9 +489,11 @@ def transfer_mask_optimizer(df: pd.DataFrame, out: Path) -> Section:
     opts = _sorted_opts(set(stats["optimizer"]) | set(stats["mask_optimizer"]))
     sources = sorted(set(stats["mask_source"]), key=lambda s: (_opt_key(s.split()[0]), s))
     parts = []
-    for (task, sparsity), s in sorted(stats.groupby(["task", "sparsity_pct"]), key=lambda kv: (_task_key(kv[0][0]), kv[0][1])):
+    groups = sorted(stats.groupby(["task", "sparsity_pct"]), key=lambda kv: (_task_key(kv[0][0]), kv[0][1]))
+    for (task, sparsity), s in groups:
         table, missing = _pivot(s, [(m,) for m in sources], ["mask_source"], "optimizer", opts,
                                 lambda o: f"re-trained with {o}")
+        table = table.rename(columns={"mask_source": "mask found with"})
         parts.append(f"**{task}, {sparsity:g}% sparsity** ({metric_label(task)})\n\n{_markdown(table)}")
         sec.missing += [f"mask x optimizer: {task} at {sparsity:g}%: {m} mask re-trained with {o}: no finished trial"
                         for m, o in missing]
@@ -467,19 +530,23 @@ def _arm_title(arm: str) -> str:
 
 
 def transfer_heatmap(df: pd.DataFrame, out: Path) -> Section:
-    """P1 Figure 4: tickets (magnitude masks) moved from a source task to another target task; cell = mean target
-    metric with the SAM ticket minus with the Adam ticket; one panel per re-training arm x sparsity."""
+    """P1 Figure 4: tickets (magnitude masks) moved from a source task to a target task (the diagonal: within the
+    task); cell = mean target metric with the SAM ticket minus with the Adam ticket; one panel per re-training arm
+    x sparsity."""
     sec = Section("3. Ticket transfer across tasks (P1 Figure 4)",
                   "Cell = mean target dev metric with the SAM-found ticket minus with the Adam-found ticket "
-                  "(positive: SAM tickets transfer better); n/a: no SAM/Adam pair. \"matched\": each ticket "
+                  "(positive: SAM tickets transfer better); the diagonal: transfers within the task, where run; "
+                  "n/a: no SAM/Adam pair. \"matched\": each ticket "
                   "re-trained with the optimizer that found it; otherwise all tickets re-trained with one optimizer.")
-    tr = _done(df, "transfer")
-    cross = tr[(tr["task"] != tr["source_task"]) & tr["source_task"].notna() & (tr["mask_method"] == "magnitude")] \
-        if not tr.empty else tr
-    if cross.empty:
+    tr = _transfers(df)
+    tickets = tr[tr["source_task"].notna() & (tr["mask_method"] == "magnitude")] if not tr.empty else tr
+    if tickets.empty or (tickets["task"] == tickets["source_task"]).all():
         sec.missing.append("no finished cross-task transfer trials: no transfer heatmap")
         return sec
-    table = _ticket_pairs(cross)
+    table = _ticket_pairs(tickets)
+    if table.empty:
+        sec.missing.append("transfer heatmap: no finished cross-task transfer reported a score")
+        return sec
     sec.tables["transfer_heatmap"] = table
 
     import matplotlib
@@ -490,6 +557,8 @@ def transfer_heatmap(df: pd.DataFrame, out: Path) -> Section:
     panels = sorted(set(zip(table["retrain"], table["sparsity_pct"])), key=lambda p: (arms.index(p[0]), p[1]))
     fig, axes = _figure(len(panels), width=1.3 * len(tasks) + 2.8, height=1.1 * len(tasks) + 1.8, ncols=2)
     cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="white")
+    diffs = table["diff"].abs().dropna()
+    vmax = float(diffs.max()) if len(diffs) and diffs.max() > 0 else 1.0  # one color scale for every panel
     parts = []
     for ax, (arm, sparsity) in zip(axes, panels):
         sub = table[(table["retrain"] == arm) & (table["sparsity_pct"] == sparsity)]
@@ -497,8 +566,6 @@ def transfer_heatmap(df: pd.DataFrame, out: Path) -> Section:
         grid = np.full((len(tasks), len(tasks)), np.nan)
         for (src, tgt), rec in cells.items():
             grid[tasks.index(src), tasks.index(tgt)] = rec["diff"]
-        vmax = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 0.0
-        vmax = vmax if vmax > 0 else 1.0
         image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-vmax, vmax=vmax)
         empty = 0
         for i, j in np.ndindex(grid.shape):
@@ -510,11 +577,13 @@ def transfer_heatmap(df: pd.DataFrame, out: Path) -> Section:
                     only = "SAM" if rec["sam_n"] else "Adam"
                     sec.missing.append(f"transfer heatmap ({arm}, {sparsity:g}%): {tasks[i]} -> {tasks[j]}: only "
                                        f"{only} tickets, no pair")
-                elif i != j:
+                else:
                     empty += 1
             else:
                 strong = abs(grid[i, j]) > 0.6 * vmax
-                ax.text(j, i, f"{grid[i, j]:+.3f}", ha="center", va="center", color="white" if strong else "black")
+                rec = cells[(tasks[i], tasks[j])]
+                ax.text(j, i, f"{grid[i, j]:+.3f}\nn={rec['sam_n']} vs {rec['adam_n']}", ha="center", va="center",
+                        color="white" if strong else "black", fontsize="small")
         if empty:
             sec.missing.append(f"transfer heatmap ({arm}, {sparsity:g}%): {empty} source -> target pair(s) "
                                "without transfers")
@@ -528,7 +597,8 @@ def transfer_heatmap(df: pd.DataFrame, out: Path) -> Section:
             row = [src]
             for tgt in tasks:
                 rec = cells.get((src, tgt))
-                row.append("n/a" if rec is None or math.isnan(rec["diff"]) else f"{rec['diff']:+.4f}")
+                row.append("n/a" if rec is None or math.isnan(rec["diff"])
+                           else f"{rec['diff']:+.4f} (n={rec['sam_n']} vs {rec['adam_n']})")
             rows.append(row)
         md = _markdown(pd.DataFrame(rows, columns=["source \\ target", *tasks]))
         parts.append(f"**{sparsity:g}% tickets, {_arm_title(arm)}** (SAM ticket − Adam ticket)\n\n{md}")
@@ -565,7 +635,7 @@ def ptq_table(df: pd.DataFrame, out: Path) -> Section:
     sec = Section("4. Post-training dynamic int8 quantization (P1 Table 8)",
                   "Metric before (float) and after (int8) quantization, drop = float − int8, serialized size and "
                   "CPU latency per dev batch; rows by the optimizer the quantized model was fine-tuned with.")
-    ptq = _done(df, "ptq")
+    ptq = _best_of_search(_done(df, "ptq"), ["task"])
     if ptq.empty:
         sec.missing.append("no finished ptq trials: no PTQ table")
         return sec
@@ -593,7 +663,7 @@ def cofi_table(df: pd.DataFrame, out: Path) -> Section:
     sec = Section("5. CoFi structured pruning (P1 Table 2)",
                   "Teacher = the fine-tuned model (its dev metric), pruned = the distilled, pruned and fine-tuned "
                   "student; real sparsity over the encoder's prunable weights; params = the student's parameters.")
-    cofi = _done(df, "structured")
+    cofi = _best_of_search(_done(df, "structured"), ["task"])
     if cofi.empty:
         sec.missing.append("no finished structured (CoFi) trials: no CoFi table")
         return sec
@@ -621,12 +691,16 @@ def squat_bits(df: pd.DataFrame, out: Path) -> Section:
     """P2: the dev metric of each quantization-aware method by weight bits, with the full-precision teacher."""
     sec = Section("6. SQuAT by weight bits (P2)",
                   "SQuAT = SAM/ASAM on the latent weights alternating with LSQ step-size steps; SAM+LSQ joint = "
-                  "the same without alternation; LSQ-QAT (+ KD) = Adam. Teacher: the full-precision model.")
-    sq = _done(df, "squat")
+                  "the same without alternation; LSQ-QAT (+ KD) = Adam. Teacher: the full-precision model. "
+                  "A hyperparameter search per teacher counts by its best trial.")
+    sq = _best_of_search(_done(df, "squat"), ["task", "method", "bits"])
     if sq.empty:
         sec.missing.append("no finished squat trials: no SQuAT figure or table")
         return sec
     stats = _stats(sq, ["task", "method", "bits"])
+    if stats.empty:
+        sec.missing.append("squat: no finished trial reported a score")
+        return sec
     stats["bits"] = stats["bits"].astype(int)
     teachers = sq.drop_duplicates("parent").dropna(subset=["parent_score"])
     teacher = _stats(teachers, ["task"], "parent_score").assign(method=SQUAT_TEACHER, bits=32)
@@ -681,12 +755,14 @@ def _sharpness_points(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
         return pd.DataFrame(columns=["model", "task", "optimizer", "eps", "value"]), 0
     measured = done[done[keys].notna().any(axis=1)]
     is_sharp = measured["kind"] == "sharpness"
-    dense = (is_sharp & (measured["parent_kind"] == "finetune")) | (measured["kind"] == "finetune")
+    unpruned = _column(measured, "sparsity_pct").isna()  # a root fine-tuning run with a random mask is not dense
+    dense = (is_sharp & (measured["parent_kind"] == "finetune")) | ((measured["kind"] == "finetune") & unpruned)
     skipped = int((~dense).sum())
     measured = measured[dense].copy()
     sharp = measured["kind"] == "sharpness"
     measured["model"] = measured["id"].where(~sharp, measured["parent"])
-    measured["optimizer"] = measured["optimizer"].where(~sharp, measured["parent_optimizer"].fillna(measured["optimizer"]))
+    measured["optimizer"] = measured["optimizer"].where(
+        ~sharp, measured["parent_optimizer"].fillna(measured["optimizer"]))
     measured["order"] = (~sharp).astype(int)
     long = measured.melt(id_vars=["model", "task", "optimizer", "order"], value_vars=keys, var_name="key",
                          value_name="value").dropna(subset=["value"])
@@ -726,7 +802,7 @@ def sharpness_table(df: pd.DataFrame, out: Path) -> Section:
             ax.bar(np.arange(len(eps)) + (k - (len(opts) - 1) / 2) * width, s["mean"], width,
                    yerr=_yerr(s["std"]), capsize=3, color=COLORS.get(opt), label=opt)
         ax.set_xticks(range(len(eps)), [f"{e:g}" for e in eps])
-        ax.set(title=f"{task}: sharpness of the fine-tuned model", xlabel="eps", ylabel="eps-sharpness phi (%)")
+        ax.set(title=f"{task}: sharpness of the fine-tuned model", xlabel="ε", ylabel="ε-sharpness φ (%)")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize="small")
     fig.suptitle("Sharpness by eps and optimizer (mean ± std over seeds)")
@@ -781,7 +857,7 @@ def search_scatter(df: pd.DataFrame, out: Path) -> list[Section]:
         sec.markdown[name] = _markdown(md.rename(columns={"score": "best score"}))
 
         tasks = _sorted_tasks(trials["task"])
-        fig, axes = _figure(len(tasks) * len(keys), ncols=len(keys))
+        fig, axes = _figure(len(tasks) * len(keys), ncols=len(keys) if len(keys) > 1 else 3)
         for i, task in enumerate(tasks):
             t = trials[trials["task"] == task]
             for j, key in enumerate(keys):
@@ -791,7 +867,7 @@ def search_scatter(df: pd.DataFrame, out: Path) -> list[Section]:
                     ax.scatter(s[key], s["score"], color=COLORS.get(opt), label=opt, alpha=0.8)
                 positive = (t[key].dropna() > 0).all()
                 if "lr" in key.split(".")[-1] and positive:
-                    ax.set_xscale("log")
+                    _log_x(ax)
                 ax.set(title=f"{task}: score vs {key}", xlabel=f"{key} (log scale)" if ax.get_xscale() == "log"
                        else key, ylabel=metric_label(task))
                 ax.grid(alpha=0.3)
@@ -811,10 +887,9 @@ def _status_table(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return pd.DataFrame(columns=["experiment", "kind", "done", "missing"])
     counts = df.groupby(["experiment", "kind", "status"]).size().unstack("status", fill_value=0)
-    for status in ("done", "stopped", "failed", "running", "corrupt"):
-        if status not in counts:
-            counts[status] = 0
-    return counts.reset_index()
+    statuses = ["done", "stopped", "failed", "running", "corrupt"]
+    statuses += sorted(set(counts.columns) - set(statuses))
+    return counts.reindex(columns=statuses, fill_value=0).reset_index()
 
 
 def _sweep_name(root: Path, df: pd.DataFrame) -> str:
@@ -838,7 +913,8 @@ def _write_readme(out: Path, root: Path, sweep: str, df: pd.DataFrame, sections:
              "Cells: mean ± sample std (ddof=1) over the trials of the cell (the seeds), and their number (n); "
              f"{DASH} = no finished trial. Metrics as the runs report them (the task's main dev metric). "
              "CSV files hold the same numbers at full precision.", "", "## Trials", "",
-             _markdown(status) if not status.empty else "No trials found.", ""]
+             _markdown(status) if not status.empty else "No trials found.", "",
+             "running = no summary.json yet (unfinished or interrupted); corrupt = an unreadable summary.json.", ""]
     for sec in sections:
         lines += [f"## {sec.title}", "", sec.about, ""]
         lines += [f"![{name}]({name})\n" for name in sec.figures]
@@ -849,8 +925,11 @@ def _write_readme(out: Path, root: Path, sweep: str, df: pd.DataFrame, sections:
     missing = [m for sec in sections for m in sec.missing]
     not_done = df[df["status"] != "done"] if not df.empty else df
     lines += ["## Missing", ""]
+    stopped = not_done[not_done["status"] == "stopped"] if not not_done.empty else not_done
+    for experiment, n in (stopped.groupby("experiment").size().items() if not stopped.empty else []):
+        lines.append(f"- {experiment}: {n} trial(s) stopped early by the scheduler (ASHA; expected in a search)")
     lines += [f"- trial {r.id} ({r.experiment}, {r.kind}, task {r.task}): {r.status}"
-              for r in not_done.sort_values(["experiment", "id"]).itertuples()]
+              for r in not_done[not_done["status"] != "stopped"].sort_values(["experiment", "id"]).itertuples()]
     lines += [f"- {m}" for m in missing]
     if not missing and not_done.empty:
         lines.append("Nothing: every trial finished and every cell has data.")
@@ -908,7 +987,7 @@ def _settings_dict(settings: Any) -> dict:
 
 def wandb_mode(settings: Any) -> str | None:
     """online/offline, or None when W&B is off (no settings, mode disabled, WANDB_MODE=disabled). WANDB_MODE wins;
-    then an explicit online/offline; auto: online with a WANDB_API_KEY, else offline."""
+    then an explicit online/offline; auto: online with a WANDB_API_KEY and W&B reachable, else offline."""
     if settings is None:
         return None
     mode = _settings_dict(settings).get("mode") or "auto"
@@ -919,7 +998,15 @@ def wandb_mode(settings: Any) -> str | None:
         return "offline" if env == "dryrun" else env
     if mode in ("online", "offline"):
         return mode
-    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    if not os.environ.get("WANDB_API_KEY"):
+        return "offline"
+    try:  # auto with a key: online only when W&B is reachable, as the sweep's own runs decide
+        from flatray.sweepfile import WandbSettings
+        from flatray.tracking import wandb_mode as sweep_mode
+
+        return sweep_mode(WandbSettings(mode="auto"))
+    except Exception:
+        return "online"
 
 
 def log_to_wandb(root: Path, sweep: str, out: Path, figures: list[str], tables: dict[str, pd.DataFrame],
@@ -985,6 +1072,10 @@ def _sweep_wandb(root: Path) -> dict:
         return {}
 
 
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flatray.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("root", help="the sweep folder, STORAGE/SWEEP (holds <id>/trial.json, <id>/summary.json)")
@@ -997,7 +1088,9 @@ def main(argv: list[str] | None = None) -> int:
     if not root.is_dir():
         print(f"error: {root}: no such folder (expected STORAGE/SWEEP, e.g. results/sweeps/smoke)", file=sys.stderr)
         return 2
-    out = report(root, None if args.no_wandb else _sweep_wandb(root))
+    with warnings.catch_warnings():
+        warnings.showwarning = _print_warning
+        out = report(root, None if args.no_wandb else _sweep_wandb(root))
     print(f"report written to {out / 'README.md'}")
     return 0
 

@@ -610,6 +610,7 @@ def run(sweep: SweepFile, sweep_text: str, address: str | None = None, max_concu
         tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=SweepScheduler(sweep, searcher.stopped), num_samples=-1,
             max_concurrent_trials=limit,
+            reuse_actors=True,  # a child trial starts in the actor its parent just left: no process start-up
             trial_name_creator=lambda t: f"{t.config['flatray']['experiment']}-{t.config['flatray']['id']}",
             trial_dirname_creator=lambda t: t.config["flatray"]["id"],
         ),

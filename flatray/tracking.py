@@ -12,7 +12,7 @@ use_after_commit) to the run's .wandb file. On `wandb sync`, wandb-core's Artifa
 without the run as creator (user_created) and with digest deduplication, so when the parent's artifact with the
 same name and content (same digest) is already on the server it gets that version back, and then calls useArtifact
 for the child's run: parent run -> artifact version -> child run. The child therefore rebuilds the parent's
-artifact exactly as the parent built it (same name, type and entries: `_outputs` from the parent's summary.json).
+artifact exactly as the parent built it (same name, type and entries: `output_artifact` from the parent's summary.json).
 Sync parents before children (`sync` below does, one run at a time in start order): `wandb sync` of a whole folder
 runs in parallel in no set order, and a child synced first would create the version itself, without the parent
 as its producer.
@@ -35,6 +35,7 @@ from urllib.parse import urlparse
 
 from ray.tune import Callback
 
+from flatray import storage
 from flatray.sweepfile import WandbSettings
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,10 @@ def wandb_mode(settings: WandbSettings) -> str:
         return settings.mode
     if not os.environ.get("WANDB_API_KEY"):
         return "offline"
-    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
     port = url.port or (80 if url.scheme == "http" else 443)
     try:
-        socket.create_connection((url.hostname, port), timeout=2).close()
+        socket.create_connection((url.hostname or "api.wandb.ai", port), timeout=2).close()
         return "online"
     except OSError:  # no route out (cluster nodes often have none): log offline, `wandb sync` later
         return "offline"
@@ -79,14 +80,19 @@ def artifact_name(summary: dict, what: str) -> str:
     return f'{summary["kind"]}-{summary["id"]}-{ARTIFACT_TYPES[what]}'
 
 
-def _artifact(summary: dict, what: str):
+def output_artifact(summary: dict, what: str):
     """One output of a trial as a draft artifact, built the same way by the trial and by each of its children."""
     import wandb
 
     path = summary["outputs"][what]
     art = wandb.Artifact(artifact_name(summary, what), type=ARTIFACT_TYPES[what])
-    if "://" in path:  # s3:// gs://: a reference, W&B stores the URI only
-        art.add_reference(path, checksum=False)
+    if "://" in path:
+        # s3:// gs://: the entry add_reference(path, checksum=False) makes, without its need for boto3 / GCS
+        # clients on the driver: W&B stores the URI only.
+        from wandb.sdk.artifacts.artifact_manifest_entry import ArtifactManifestEntry
+
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        art.manifest.add_entry(ArtifactManifestEntry(path=name, ref=path, digest=path))
     elif what == "model":
         # A reference to the checkpoint folder: multi-GB checkpoints are neither copied nor hashed (hashing them
         # would stall Tune's loop); the digest then depends on the file paths, enough since a trial's folder is
@@ -102,23 +108,18 @@ def _outputs(summary: dict) -> list[str]:
     return [what for what, path in (summary.get("outputs") or {}).items() if path and what in ARTIFACT_TYPES]
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):  # not there (yet), or not readable: no outputs to log
-        return None
-
-
 class WandbTrials(Callback):
     """One W&B run per Tune trial (driver-side), with its parents' outputs as inputs and its own as outputs.
 
-    root: the sweep's folder (<storage>/<sweep>, local), trial folders are root/<id>/. wandb_dir: W&B's `dir`
-    (default root): runs are written to <wandb_dir>/wandb/ (offline: offline-run-*).
+    root: the sweep's folder (<storage>/<sweep>, local or s3:// gs://), trial folders are root/<id>/.
+    wandb_dir: local folder for the runs (offline-run-*), default <root>/wandb.
     """
 
     def __init__(self, settings: WandbSettings, sweep: str, root: str, wandb_dir: str | None = None):
-        self.settings, self.sweep, self.root = settings, sweep, Path(root)
-        self.wandb_dir = str(wandb_dir or root)
+        self.settings, self.sweep, self.root = settings, sweep, root
+        wandb_dir = Path(wandb_dir or storage.join(root, "wandb"))
+        # W&B writes its runs to <dir>/wandb/: its dir is the parent of a folder named wandb.
+        self.wandb_dir = str(wandb_dir.parent if wandb_dir.name == "wandb" else wandb_dir)
         self.mode = wandb_mode(settings)
         self._runs: dict[str, Any] = {}  # Tune trial id -> open W&B run
 
@@ -175,11 +176,12 @@ class WandbTrials(Callback):
             config={**rec["config"], "flatray": lineage}, dir=self.wandb_dir, mode=self.mode, resume="allow",
             reinit="create_new",  # one process holds the runs of all running trials
             # console off: the driver's output is Tune's, not one trial's; stats off: trials train on workers.
-            settings=wandb.Settings(console="off", x_disable_stats=True, silent=True, init_timeout=30),
+            settings=wandb.Settings(console="off", x_disable_stats=True, silent=True, init_timeout=30,
+                                    use_dot_wandb=False),
         )
         self._runs[trial.trial_id] = run
         for parent in rec.get("parents") or []:
-            summary = _read_json(self.root / parent / "summary.json")
+            summary = storage.read_json(storage.join(self.root, parent, "summary.json"))
             if summary is None:
                 log.warning("W&B: no summary.json for parent %s of trial %s: no inputs declared", parent, rec["id"])
                 continue
@@ -196,10 +198,11 @@ class WandbTrials(Callback):
         if run is None:
             return
         rec = trial.config["flatray"]
-        summary = _read_json(self.root / rec["id"] / "summary.json") or {}
+        path = storage.join(self.root, rec["id"], "summary.json")
+        summary = self._safe("read of summary.json", rec["id"], storage.read_json, path) or {}
         status = "failed" if failed else summary.get("status", "done")
         for what in [] if failed else _outputs(summary):
-            self._safe(f"output {what}", rec["id"], lambda w: run.log_artifact(_artifact(summary, w)), what)
+            self._safe(f"output {what}", rec["id"], lambda w: run.log_artifact(output_artifact(summary, w)), what)
         final = {**(summary.get("metrics") or {}), "status": status}
         error = summary.get("error") or (failed and _trial_error(trial))
         if error:  # the exception line ends the traceback
@@ -210,7 +213,7 @@ class WandbTrials(Callback):
 
 def _use(run, summary: dict, what: str) -> None:
     # = run.use_artifact(draft) minus its offline guard and its blocking wait (see the module docstring).
-    run._log_artifact(_artifact(summary, what), is_user_created=True, use_after_commit=True)
+    run._log_artifact(output_artifact(summary, what), is_user_created=True, use_after_commit=True)
 
 
 def _trial_error(trial) -> str | None:

@@ -52,7 +52,7 @@ defaults:
 experiments:
   slow:    # an unrelated sibling that outlasts fast + its child
     kind: finetune
-    config: {{train: {{epochs: 12}}, data: {{max_train_samples: 1024}}}}
+    config: {{train: {{epochs: 20}}, data: {{max_train_samples: 1024}}}}
   fast:
     kind: finetune
   fast_ptq:
@@ -109,6 +109,28 @@ def test_every_run_is_a_tune_trial_of_the_sweep(graph_sweep):
     assert ids == sorted(summaries(root))
     states = {t.config["flatray"]["experiment"]: t.status for t in analysis.trials}
     assert states == {"slow": "TERMINATED", "fast": "TERMINATED", "fast_ptq": "TERMINATED", "broken": "ERROR"}
+
+
+def test_one_offline_wandb_run_per_trial_with_lineage(graph_sweep):
+    from flatray.tracking import read_offline_runs
+
+    _, root = graph_sweep
+    trials = summaries(root)
+    runs = {r["config"]["flatray"]["id"]: r for r in read_offline_runs(str(root / "wandb"))}
+    assert sorted(runs) == sorted(trials)
+    for tid, t in trials.items():
+        run = runs[tid]
+        assert run["group"] == "graph" and run["job_type"] == t["trial"]["kind"]
+        assert run["config"]["task"] == "toy" and run["config"]["kind"] == t["trial"]["config"]["kind"]
+        assert run["config"]["flatray"]["experiment"] == t["trial"]["experiment"]
+        assert run["exit_code"] == (1 if t["summary"]["status"] == "failed" else 0)
+    fast, child = (next(t for t in trials.values() if t["trial"]["experiment"] == e) for e in ("fast", "fast_ptq"))
+    logged = runs[fast["trial"]["id"]]["logged_artifacts"]
+    assert {a["type"] for a in logged} == {"model"}
+    # The PTQ run declares the parent's model (same name and digest) as its input: W&B's lineage graph.
+    assert runs[child["trial"]["id"]]["used_artifacts"] == logged
+    assert {a["type"] for a in runs[child["trial"]["id"]]["logged_artifacts"]} == {"quantized-model"}
+    assert runs[fast["trial"]["id"]]["history"][0]["score"] == fast["summary"]["history"][0]["score"]
 
 
 # --------------------------------------------------------------------------------------------------- resume

@@ -1,4 +1,4 @@
-"""W&B tracking of a real (small) Ray Tune sweep, offline: runs, lineage and failures, read back from the .wandb files."""
+"""W&B tracking of a real small Ray Tune sweep, offline: runs, lineage and failures, read from the .wandb files."""
 
 import json
 import logging
@@ -51,7 +51,8 @@ def tune_run(tmp, records, callback):
 
     tuner = tune.Tuner(
         trainable, param_space={"flatray": tune.grid_search(records)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=1),  # in order: a parent ends before its children start
+        # One at a time, in order: a parent ends before its children start. One reused actor: no start-up per trial.
+        tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=True),
         run_config=tune.RunConfig(name="tune", storage_path=str(tmp / "tune"), callbacks=[callback], verbose=0))
     return tuner.fit()
 
@@ -90,7 +91,7 @@ def sweep(tmp_path_factory, ray_session, wandb_home):
     ticket = record(root, "c2c2c2c2c2c2", "ticket", "transfer", [dense["id"]], seed=1)
     imp = record(root, "d3d3d3d3d3d3", "imp", "imp", [dense["id"]], level=1, seed=1)
     records = [dense, broken, ticket, imp]
-    callback = tracking.WandbTrials(WandbSettings(project="flatray-test"), SWEEP, str(root))
+    callback = tracking.WandbTrials(WandbSettings(project="flatray-test"), SWEEP, str(root), str(root / "wandb"))
     assert callback.mode == "offline"
     results = tune_run(tmp, records, callback)
     runs = {run["id"]: run for run in tracking.read_offline_runs(str(root / "wandb"))}
@@ -101,6 +102,7 @@ def test_one_offline_run_per_trial(sweep):
     root, recs, results, runs = sweep
     assert len(results) == 4 and len(results.errors) == 1  # the broken trial failed, the sweep went on
     assert sorted(runs) == sorted(tracking.run_id(SWEEP, r["id"]) for r in recs.values())
+    assert {Path(run["path"]).parent for run in runs.values()} == {root / "wandb"}  # <root>/wandb/offline-run-*
     for name, rec in recs.items():
         run = runs[tracking.run_id(SWEEP, rec["id"])]
         assert (run["group"], run["job_type"], run["name"]) == (SWEEP, rec["kind"], f"{name}-{rec['id']}")
@@ -146,9 +148,12 @@ def test_outputs_and_lineage(sweep):
 def test_model_is_a_reference_and_mask_a_file(sweep):
     root, recs, results, runs = sweep
     summary = json.loads((root / recs["dense"]["id"] / "summary.json").read_text())
-    model, mask = tracking._artifact(summary, "model"), tracking._artifact(summary, "mask")
+    model, mask = tracking.output_artifact(summary, "model"), tracking.output_artifact(summary, "mask")
     assert all(e.ref and e.ref.startswith("file://") for e in model.manifest.entries.values())
     assert [e.local_path for e in mask.manifest.entries.values()] == [summary["outputs"]["mask"]]
+    uri = "s3://bucket/sweeps/tsweep/a1a1a1a1a1a1/train/checkpoint_000"  # cloud storage: the URI, no S3 client
+    remote = tracking.output_artifact({**summary, "outputs": {"model": uri}}, "model")
+    assert [(e.path, e.ref) for e in remote.manifest.entries.values()] == [("checkpoint_000", uri)]
 
 
 def test_broken_wandb_never_reaches_tune(tmp_path, ray_session, wandb_home, caplog):
