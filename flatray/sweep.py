@@ -269,11 +269,10 @@ class SweepSearcher(_searcher_base()):
             nxt = self._item(record["experiment"], {}, record, record["level"] + 1, search_key, None)
             if nxt:
                 self.ready.appendleft(nxt)
-        for child in self.children[record["experiment"]]:
-            cexp = self.sweep.experiments[child]
-            if cexp.feed == "each" and self._feeds(cexp, record):
-                # First in line: a dependent trial starts before any new root point is drawn.
-                self.searches.insert(0, Search.create(self.sweep, child, record))
+        # First in line, in the file's order: a dependent trial starts before any new root point is drawn.
+        self.searches[0:0] = [Search.create(self.sweep, child, record) for child in self.children[record["experiment"]]
+                              if self.sweep.experiments[child].feed == "each"
+                              and self._feeds(self.sweep.experiments[child], record)]
         self._feed_best()
 
     def _feeds(self, child_exp, record) -> bool:
@@ -297,8 +296,7 @@ class SweepSearcher(_searcher_base()):
                 sign = 1 if (self.sweep.experiments[exp.parent].search or sweepfile.Search()).mode == "max" else -1
                 if group not in groups or sign * score > sign * groups[group][1]["metrics"].get("score", -math.inf):
                     groups[group] = (record, summary)
-            for record, _ in groups.values():
-                self.searches.insert(0, Search.create(self.sweep, name, record))
+            self.searches[0:0] = [Search.create(self.sweep, name, record) for record, _ in groups.values()]
 
     def _complete(self, name: str) -> bool:
         """No trial of `name` is running, ready or still to be drawn, and none can be released any more."""
@@ -452,7 +450,8 @@ def _callback_base():
 
 
 class Status(_callback_base()):
-    """A line per experiment every STATUS_EVERY_S seconds and when a trial ends: running / done / failed."""
+    """A line per experiment every STATUS_EVERY_S seconds and when a trial ends: running / pending (released or
+    still to be drawn) / done / stopped / failed."""
 
     def __init__(self, searcher: SweepSearcher, every_s: float = STATUS_EVERY_S):
         self.searcher, self.every_s, self.last = searcher, every_s, 0.0
@@ -462,13 +461,15 @@ class Status(_callback_base()):
         for record, _, _ in self.searcher.running.values():
             counts[record["experiment"]]["running"] += 1
         for record, _, _ in self.searcher.ready:
-            counts[record["experiment"]]["ready"] += 1
+            counts[record["experiment"]]["pending"] += 1
+        for search in self.searcher.searches:
+            counts[search.experiment]["pending"] += len(search.todo)
         for record, summary in self.searcher.outcomes.values():
             counts[record["experiment"]][summary["status"]] += 1
         parts = []
         for name in self.searcher.order:
             c = counts[name]
-            shown = " ".join(f"{k} {c[k]}" for k in ("running", "ready", "done", "stopped", "failed") if c[k])
+            shown = " ".join(f"{k} {c[k]}" for k in ("running", "pending", "done", "stopped", "failed") if c[k])
             parts.append(f"{name}: {shown or '-'}")
         print(f"[flatray] {time.strftime('%H:%M:%S')}  " + " | ".join(parts), flush=True)
         self.last = time.time()
@@ -625,10 +626,13 @@ def run(sweep: SweepFile, sweep_text: str, address: str | None = None, max_concu
     return dict(searcher.outcomes)
 
 
-def results_table(outcomes: dict[str, tuple[dict, dict]]) -> str:
-    """One line per trial: experiment, id, searched values, status, score and what the kind measures."""
+def results_table(outcomes: dict[str, tuple[dict, dict]], order: list[str] = ()) -> str:
+    """One line per trial, in the graph's order: experiment, id, searched values, status, score and what the kind
+    measures."""
+    rank = {name: i for i, name in enumerate(order)}
     rows = [("experiment", "trial", "point", "status", "score", "details")]
-    for record, summary in sorted(outcomes.values(), key=lambda o: (o[0].get("experiment", ""), o[0].get("level") or 0)):
+    for record, summary in sorted(outcomes.values(), key=lambda o: (rank.get(o[0].get("experiment"), len(rank)),
+                                                                    o[0].get("experiment", ""), o[0].get("level") or 0)):
         m = summary.get("metrics", {})
         details = []
         if record.get("level"):
@@ -727,11 +731,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"\n[flatray] sweep {sweep.name} finished in {time.time() - started:.0f} s\n")
-    print(results_table(outcomes))
+    print(results_table(outcomes, sweepfile.order(sweep.experiments)))
     wandb_dir = storage.join(root, "wandb")
     print(f"\ntrial folders: {root}/<trial id>/ (docs/SWEEPS.md)")
     if Path(wandb_dir).is_dir():
-        print(f"W&B runs: {wandb_dir} (offline runs upload with: wandb sync {wandb_dir}/offline-run-*)")
+        print(f"W&B runs: {wandb_dir}  (offline runs upload, parents first, with: "
+              f"python -m flatray.tracking sync {wandb_dir})")
     if not args.no_report:
         try:
             from flatray import report

@@ -332,3 +332,21 @@ def sync(wandb_dir: str, *args: str) -> None:
     Note: -e/-p move the runs only; their artifacts stay where they were logged (entity/project of the sweep file)."""
     for path in sync_order(wandb_dir):
         subprocess.run([sys.executable, "-m", "wandb", "sync", *args, path], check=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m flatray.tracking",
+                                     description="Upload a sweep's offline W&B runs, parents before children "
+                                                 "(so W&B's lineage graph links them).")
+    parser.add_argument("command", choices=["sync"])
+    parser.add_argument("wandb_dir", help="<storage>/<sweep>/wandb")
+    parser.add_argument("wandb_args", nargs=argparse.REMAINDER, help="passed on to `wandb sync`, e.g. -e ENTITY")
+    args = parser.parse_args(argv)
+    sync(args.wandb_dir, *args.wandb_args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
