@@ -92,65 +92,79 @@ def _tune_domain(kind: str, values: list):
             "loguniform": lambda: tune.loguniform(*values), "randint": lambda: tune.randint(*values)}[kind]()
 
 
+def grid_keys(exp) -> list[str]:
+    """The keys an experiment's search enumerates (grid values; choice values too with algorithm: grid)."""
+    search = exp.search or sweepfile.Search()
+    kinds = ("grid", "choice") if search.algorithm == "grid" else ("grid",)
+    return [k for k, d in search.space.items() if next(iter(d)) in kinds]
+
+
 @dataclass
 class Search:
-    """The points of one experiment for one parent trial (or none, for a root): grid points x samples of the rest."""
+    """The points of one experiment for one parent trial (or none, for a root): each grid point x `num_samples`
+    samples of the rest. Each grid point has its own Optuna study (a 2-bit and a 4-bit run are not one objective)."""
 
     experiment: str
     parent: dict | None
     todo: list = field(default_factory=list)  # grid points still to draw, in order
-    inner: object = None  # OptunaSearch over the non-grid keys
+    rest: dict = field(default_factory=dict)  # the non-grid part of the space
+    optuna: dict | None = None  # OptunaSearch arguments, when the rest is drawn by Optuna
+    inner: dict = field(default_factory=dict)  # grid point -> its OptunaSearch
     rng: random.Random | None = None
-    rest: dict = field(default_factory=dict)
-    asked: dict = field(default_factory=dict)  # trial id -> the inner searcher's id
+    drawn: int = 0
 
     @classmethod
     def create(cls, sweep: SweepFile, name: str, parent: dict | None) -> "Search":
         exp = sweep.experiments[name]
         search = exp.search or sweepfile.Search()
-        grid_kinds = ("grid", "choice") if search.algorithm == "grid" else ("grid",)
-        grid = {k: d[next(iter(d))] for k, d in search.space.items() if next(iter(d)) in grid_kinds}
+        grid = {k: search.space[k][next(iter(search.space[k]))] for k in grid_keys(exp)}
         rest = {k: d for k, d in search.space.items() if k not in grid}
         points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
         samples = search.num_samples if rest else 1  # a pure grid has nothing to sample twice
         seed = int(sweepfile.trial_id({"experiment": name}, [parent["id"]] if parent else []), 16) % 2**31
         out = cls(name, parent, todo=[p for _ in range(samples) for p in points], rest=rest, rng=random.Random(seed))
         if rest and search.algorithm == "optuna":
-            import optuna
-            from ray.tune.search.optuna import OptunaSearch
-
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
             space = {k: _tune_domain(*next(iter(d.items()))) for k, d in rest.items()}
-            out.inner = OptunaSearch(space, metric=search.metric, mode=search.mode, seed=seed)
+            out.optuna = dict(space=space, metric=search.metric, mode=search.mode, seed=seed)
         return out
 
     @property
     def key(self) -> str:
         return f"{self.experiment}/{self.parent['id'] if self.parent else 'root'}"
 
-    def draw(self) -> tuple[dict, str | None] | None:
-        """The next point and the inner searcher's id for it, or None when this search is exhausted."""
+    def draw(self) -> tuple[dict, tuple | None] | None:
+        """The next point and a handle to tell its result with, or None when this search is exhausted."""
         if not self.todo:
             return None
-        point = dict(self.todo.pop(0))
-        inner_id = None
-        if self.inner is not None:
-            inner_id = f"{self.key}/{len(self.asked)}"
-            point.update(self.inner.suggest(inner_id))
-        elif self.rest:
+        grid_point = self.todo.pop(0)
+        point, handle = dict(grid_point), None
+        self.drawn += 1
+        if self.optuna is not None:
+            import optuna
+            from ray.tune.search.optuna import OptunaSearch
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            group = json.dumps(grid_point, sort_keys=True, default=str)
+            if group not in self.inner:
+                self.inner[group] = OptunaSearch(**self.optuna)
+            handle = (group, f"{self.key}/{self.drawn}")
+            point.update(self.inner[group].suggest(handle[1]))
+        else:
             for key, domain in self.rest.items():
                 kind, values = next(iter(domain.items()))
                 point[key] = {"choice": lambda: self.rng.choice(values), "uniform": lambda: self.rng.uniform(*values),
                               "loguniform": lambda: math.exp(self.rng.uniform(math.log(values[0]), math.log(values[1]))),
                               "randint": lambda: self.rng.randrange(*values)}[kind]()
-        return point, inner_id
+        return point, handle
 
-    def tell(self, inner_id: str | None, score: float | None) -> None:
-        if self.inner is not None and inner_id is not None:
-            if score is None:
-                self.inner.on_trial_complete(inner_id, None, error=True)
-            else:
-                self.inner.on_trial_complete(inner_id, {self.inner.metric: score})
+    def tell(self, handle: tuple | None, score: float | None) -> None:
+        if handle is None:
+            return
+        group, inner_id = handle
+        if score is None:
+            self.inner[group].on_trial_complete(inner_id, None, error=True)
+        else:
+            self.inner[group].on_trial_complete(inner_id, {self.optuna["metric"]: score})
 
 
 # --------------------------------------------------------------------------------------------------- the searcher
@@ -176,8 +190,8 @@ class SweepSearcher(_searcher_base()):
                 self.children[sweep.experiments[name].parent].append(name)
         self.searches: list[Search] = [Search.create(sweep, n, None) for n in self.order
                                        if not sweep.experiments[n].parent]
-        self.ready: collections.deque = collections.deque()  # (record, search key, inner id)
-        self.running: dict[str, tuple] = {}  # Tune trial id -> (record, search key, inner id)
+        self.ready: collections.deque = collections.deque()  # (record, search key, tell handle)
+        self.running: dict[str, tuple] = {}  # Tune trial id -> (record, search key, tell handle)
         self.outcomes: dict[str, tuple[dict, dict]] = {}  # trial id -> (record, summary)
         self.fed_best: set[str] = set()
         self.stopped: set[str] = set()  # Tune trial ids the scheduler stopped early (SweepScheduler adds them)
@@ -233,35 +247,35 @@ class SweepSearcher(_searcher_base()):
             return self.ready.popleft()
         for search in self.searches:
             while (drawn := search.draw()) is not None:
-                point, inner_id = drawn
+                point, handle = drawn
                 level = 1 if self.sweep.experiments[search.experiment].kind == "imp" else None
-                item = self._item(search.experiment, point, search.parent, level, search.key, inner_id)
+                item = self._item(search.experiment, point, search.parent, level, search.key, handle)
                 if item is not None:
                     return item
         return None
 
-    def _item(self, name, point, parent, level, search_key, inner_id):
+    def _item(self, name, point, parent, level, search_key, handle):
         parent_summary = self.outcomes[parent["id"]][1] if parent else None
         try:
             record = make_record(self.sweep, self.root, name, point, parent, parent_summary, level)
         except ConfigError as err:  # e.g. the parent left no mask to transfer: this trial fails, the sweep goes on
             log.warning("experiment %s: cannot start a trial: %s", name, err)
             failed = {"id": None, "experiment": name, "status": "failed", "metrics": {}, "error": str(err)}
-            self._tell(search_key, inner_id, None)
+            self._tell(search_key, handle, None)
             self.outcomes[f"invalid-{len(self.outcomes)}"] = ({"experiment": name, "point": point}, failed)
             return None
-        return record, search_key, inner_id
+        return record, search_key, handle
 
-    def _tell(self, search_key, inner_id, score):
+    def _tell(self, search_key, handle, score):
         search = self._search(search_key)
         if search is not None:
-            search.tell(inner_id, score)
+            search.tell(handle, score)
 
     def _finish(self, item, summary: dict) -> None:
-        record, search_key, inner_id = item
+        record, search_key, handle = item
         self.outcomes[record["id"]] = (record, summary)
         done = summary.get("status") == "done"
-        self._tell(search_key, inner_id, summary.get("metrics", {}).get("score") if done else None)
+        self._tell(search_key, handle, summary.get("metrics", {}).get("score") if done else None)
         if not done:
             return
         exp = self.sweep.experiments[record["experiment"]]
@@ -324,7 +338,7 @@ def _fifo_base():
 
 
 class SweepScheduler(_fifo_base()):
-    """ASHA early stopping within each searched group (one experiment, one parent) whose search asks for it;
+    """ASHA early stopping within each searched group (one experiment, one parent, one grid point) that asks for it;
     every other trial (IMP levels, PTQ, CoFi, sharpness, single runs) runs to its end."""
 
     def __init__(self, sweep: SweepFile, stopped: set[str]):
@@ -341,7 +355,9 @@ class SweepScheduler(_fifo_base()):
         exp = self.sweep.experiments[cfg["experiment"]]
         if not exp.search or exp.search.scheduler != "asha" or cfg["kind"] not in ("finetune", "transfer", "squat"):
             return None
-        key = f"{cfg['experiment']}/{cfg['parents'][0] if cfg['parents'] else 'root'}"
+        # One bracket per search (experiment, parent trial) and grid point: a 2-bit run never competes with a 4-bit one.
+        grid_point = {k: cfg["point"].get(k) for k in grid_keys(exp)}
+        key = f"{cfg['experiment']}/{cfg['parents'][0] if cfg['parents'] else 'root'}/{json.dumps(grid_point, default=str)}"
         if key not in self.groups:
             epochs = cfg["config"]["train"]["epochs"]
             self.groups[key] = ASHAScheduler(time_attr="epoch", metric=exp.search.metric, mode=exp.search.mode,
@@ -495,8 +511,7 @@ def plan(sweep: SweepFile) -> dict[str, int]:
     for name in sweepfile.order(sweep.experiments):
         exp = sweep.experiments[name]
         search = exp.search or sweepfile.Search()
-        grid_kinds = ("grid", "choice") if search.algorithm == "grid" else ("grid",)
-        own = {k: d[next(iter(d))] for k, d in search.space.items() if next(iter(d)) in grid_kinds}
+        own = {k: search.space[k][next(iter(search.space[k]))] for k in grid_keys(exp)}
         rest = [k for k in search.space if k not in own]
         per_parent = math.prod(len(v) for v in own.values()) * (search.num_samples if rest else 1)
         grids[name] = {**(grids[exp.parent] if exp.parent else {}), **own}

@@ -214,3 +214,27 @@ def test_a_bad_sweep_fails_before_ray_starts(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "experiments.full.search.space" in err and "'optimizer.rhoo'" in err
     assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+
+
+def test_search_draws_grid_points_times_samples_with_one_optuna_study_per_grid_point(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(textwrap.dedent("""
+        name: s
+        defaults: {model: tiny-bert, task: toy}
+        experiments:
+          full:
+            kind: finetune
+            search:
+              space: {train.seed: {grid: [0, 1]}, train.lr: {loguniform: [1.0e-5, 1.0e-3]}}
+              num_samples: 3
+    """))
+    search = sweep.Search.create(sweepfile.load(path), "full", None)
+    drawn = [search.draw() for _ in range(6)]
+    assert search.draw() is None
+    assert sorted(p["train.seed"] for p, _ in drawn) == [0, 0, 0, 1, 1, 1]
+    assert all(1e-5 <= p["train.lr"] <= 1e-3 for p, _ in drawn)
+    assert len({h[1] for _, h in drawn}) == 6 and len(search.inner) == 2  # one study per seed
+    for i, (_, handle) in enumerate(drawn):
+        search.tell(handle, None if i == 0 else 0.5 + i / 100)
+    studies = [inner._ot_study for inner in search.inner.values()]
+    assert sorted(len(s.trials) for s in studies) == [3, 3]
