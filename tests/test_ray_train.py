@@ -198,3 +198,18 @@ def test_squad_from_local_files_through_ray_train(tmp_path, ray_session):
     })
     (_, metrics), = train.fit(cfg).best_checkpoints
     assert metrics["validation/f1"] > 80 and metrics["validation/exact_match"] > 50  # SQuAD scale 0..100
+
+
+def test_a_run_restarted_under_its_name_continues_from_its_checkpoint(tmp_path, ray_session):
+    """What a retried or resumed sweep trial does: Ray Train restores the run's latest checkpoint and the workers
+    continue after its epoch, with its weights and history (the second run measures sharpness at the end, so its
+    last checkpoint always holds the whole history)."""
+    small = {"scaling.num_workers": 1, "deepspeed.zero_stage": 0, "data.max_train_samples": 256}
+    _, first = run(tmp_path, "r", **{"train.epochs": 1, **small})
+    first_history = json.load(open(f"{first.checkpoint.path}/history.json"))  # Ray keeps one checkpoint: read it now
+    _, again = run(tmp_path, "r", **{"train.epochs": 2, "sharpness.enabled": True, "sharpness.dim": 5,
+                                      "sharpness.samples": 16, "sharpness.max_iter": 2, **small})
+    history = json.load(open(f"{again.checkpoint.path}/history.json"))
+    assert [h["epoch"] for h in history] == [1, 2]  # epoch 1 restored, only epoch 2 run
+    assert history[0] == first_history[0]  # the first run's own record, not a re-run
+    assert "sharpness/eps=0.005" in again.metrics
