@@ -1,4 +1,4 @@
-"""sweeps/smoke.yaml end to end on a real local Ray (what `make smoke` runs, at one epoch per run): every kind of
+"""sweeps/smoke.yaml end to end on a real local Ray (what `make smoke` runs, at one epoch of 512 examples per run): every kind of
 trial, W&B's lineage across the graph, and the report of the real output."""
 
 import json
@@ -15,7 +15,8 @@ def smoke(tmp_path_factory):
     import ray
 
     storage = tmp_path_factory.mktemp("smoke")
-    code = sweep.main(["sweeps/smoke.yaml", "--set", f"storage={storage}", "--set", "defaults.train.epochs=1"])
+    code = sweep.main(["sweeps/smoke.yaml", "--set", f"storage={storage}", "--set", "defaults.train.epochs=1",
+                       "--set", "defaults.data.max_train_samples=512"])
     ray.shutdown()
     root = storage / "smoke"
     trials = {}

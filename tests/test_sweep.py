@@ -148,7 +148,7 @@ defaults:
 experiments:
   full:
     kind: finetune
-    search: {{space: {{train.seed: {{grid: [0, 1, 2]}}}}, algorithm: grid, scheduler: none}}
+    search: {{space: {{train.seed: {{grid: [0, 1]}}}}, algorithm: grid, scheduler: none}}
   ptq:
     kind: ptq
     parent: full
@@ -168,12 +168,12 @@ def test_an_interrupted_sweep_resumes_and_runs_each_trial_to_the_end_once(tmp_pa
     proc.send_signal(signal.SIGINT)  # Ctrl-C
     proc.wait(timeout=120)
     finished_before = {p.name for p in root.glob("*") if (p / "summary.json").exists()}
-    assert 1 <= len(finished_before) < 6
+    assert 1 <= len(finished_before) < 4
 
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     trials = summaries(root)
-    assert len(trials) == 6 and all(t["summary"]["status"] == "done" for t in trials.values())
+    assert len(trials) == 4 and all(t["summary"]["status"] == "done" for t in trials.values())
     for tid in finished_before:
         assert len(trials[tid]["attempts"]) == 1  # not run again
     assert f"{len(finished_before)} trial(s) had finished before" in out.stdout
