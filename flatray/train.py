@@ -68,6 +68,8 @@ def make_trainer(cfg: RunConfig, callbacks: list = ()):
             # Workers attach a checkpoint only when the dev score improves, so the latest one is the best one.
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             callbacks=list(callbacks),
+            # Ray Train's INFO lines (worker-group start-up, resource requests) add nothing to flatray's own.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
 

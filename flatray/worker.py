@@ -104,15 +104,11 @@ def save_checkpoint(folder: Path, module, tokenizer, cfg: RunConfig, history: li
 
 def quiet_libraries() -> None:
     """Keep worker logs to flatray's own lines: library progress bars and load reports add nothing there."""
-    import logging
     import warnings
 
     import datasets
     import transformers
 
-    # Ray Train's per-report lines repeat every metric and checkpoint path that flatray already prints once.
-    for name in ("ray.train.v2._internal.execution.context", "ray.train.v2._internal.execution.storage"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
