@@ -86,19 +86,15 @@ def read_lines(path: str) -> list:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def list_dirs(root: str) -> list[str]:
-    """Names of the folders directly under `root` (none when it does not exist)."""
-    if "://" in root:
+def list_files(folder: str) -> list[str]:
+    """Names of the files directly in `folder`."""
+    if "://" in folder:
         import pyarrow.fs
 
-        fs, key = _fs(root)
-        try:
-            infos = fs.get_file_info(pyarrow.fs.FileSelector(key, allow_not_found=True))
-        except OSError:
-            return []
-        return [Path(i.path).name for i in infos if i.type == pyarrow.fs.FileType.Directory]
-    path = Path(root)
-    return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+        fs, key = _fs(folder)
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(key))
+        return [Path(i.path).name for i in infos if i.type == pyarrow.fs.FileType.File]
+    return [p.name for p in Path(folder).iterdir() if p.is_file()]
 
 
 def write_text(path: str, text: str) -> None:

@@ -26,6 +26,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from flatray import config as config_lib
@@ -58,8 +59,7 @@ def make_record(sweep: SweepFile, root: str, name: str, point: dict, parent: dic
     exp = sweep.experiments[name]
     own = set(_flat(exp.config))
     inherited = {k: v for k, v in (parent or {}).get("point", {}).items() if k not in own}
-    raw = sweepfile._merge(sweepfile._merge(sweep.defaults, inherited), exp.config)
-    raw = sweepfile.set_kind(sweepfile._merge(raw, point), exp.kind)
+    raw = sweepfile.raw_config(sweep, name, inherited, point)
     raw.pop("output", None)
     parents = [parent["id"]] if parent else []
     tid = sweepfile.trial_id({"experiment": name, "kind": exp.kind, "config": raw, "level": level}, parents)
@@ -189,8 +189,8 @@ class SweepSearcher(_searcher_base()):
                 self.children[sweep.experiments[name].parent].append(name)
         self.searches: list[Search] = [Search.create(sweep, n, None) for n in self.order
                                        if not sweep.experiments[n].parent]
-        self.ready: collections.deque = collections.deque()  # (record, search key, tell handle)
-        self.running: dict[str, tuple] = {}  # Tune trial id -> (record, search key, tell handle)
+        self.ready: collections.deque = collections.deque()  # (record, its Search, tell handle)
+        self.running: dict[str, tuple] = {}  # Tune trial id -> (record, its Search, tell handle)
         self.outcomes: dict[str, tuple[dict, dict]] = {}  # trial id -> (record, summary)
         self.fed_best: set[str] = set()
         self.stopped: set[str] = set()  # Tune trial ids the scheduler stopped early (SweepScheduler adds them)
@@ -237,9 +237,6 @@ class SweepSearcher(_searcher_base()):
 
     # ---------------------------------------------------------------------------------------------------------
 
-    def _search(self, key: str) -> Search | None:
-        return next((s for s in self.searches if s.key == key), None)
-
     def _next(self):
         """A ready dependent trial first (a parent's children start as soon as it ends), else a new point."""
         if self.ready:
@@ -248,38 +245,34 @@ class SweepSearcher(_searcher_base()):
             while (drawn := search.draw()) is not None:
                 point, handle = drawn
                 level = 1 if self.sweep.experiments[search.experiment].kind == "imp" else None
-                item = self._item(search.experiment, point, search.parent, level, search.key, handle)
+                item = self._item(search.experiment, point, search.parent, level, search, handle)
                 if item is not None:
                     return item
+        self.searches = [s for s in self.searches if s.todo]  # exhausted: their trials hold them until told
         return None
 
-    def _item(self, name, point, parent, level, search_key, handle):
+    def _item(self, name, point, parent, level, search: Search, handle):
         parent_summary = self.outcomes[parent["id"]][1] if parent else None
         try:
             record = make_record(self.sweep, self.root, name, point, parent, parent_summary, level)
         except ConfigError as err:  # e.g. the parent left no mask to transfer: this trial fails, the sweep goes on
             log.warning("experiment %s: cannot start a trial: %s", name, err)
             failed = {"id": None, "experiment": name, "status": "failed", "metrics": {}, "error": str(err)}
-            self._tell(search_key, handle, None)
+            search.tell(handle, None)
             self.outcomes[f"invalid-{len(self.outcomes)}"] = ({"experiment": name, "point": point}, failed)
             return None
-        return record, search_key, handle
-
-    def _tell(self, search_key, handle, score):
-        search = self._search(search_key)
-        if search is not None:
-            search.tell(handle, score)
+        return record, search, handle
 
     def _finish(self, item, summary: dict) -> None:
-        record, search_key, handle = item
+        record, search, handle = item
         self.outcomes[record["id"]] = (record, summary)
         done = summary.get("status") == "done"
-        self._tell(search_key, handle, summary.get("metrics", {}).get("score") if done else None)
+        search.tell(handle, summary.get("metrics", {}).get("score") if done else None)
         if not done:
             return
         exp = self.sweep.experiments[record["experiment"]]
         if exp.kind == "imp" and record["level"] < exp.levels:  # the next level of this chain
-            nxt = self._item(record["experiment"], {}, record, record["level"] + 1, search_key, None)
+            nxt = self._item(record["experiment"], {}, record, record["level"] + 1, search, None)
             if nxt:
                 self.ready.appendleft(nxt)
         # First in line, in the file's order: a dependent trial starts before any new root point is drawn.
@@ -434,8 +427,8 @@ def summarize(record: dict, result, attempts: int, wall_s: float) -> dict:
     history = storage.read_json(storage.join(path, "history.json")) if path else None
     outputs = {"model": None, "mask": None, "export": None}
     if path:
-        files = set(_list_files(path))
-        outputs["model"] = path if {"config.json"} <= files and record["kind"] != "ptq" else None
+        files = set(storage.list_files(path))
+        outputs["model"] = path if "config.json" in files and record["kind"] != "ptq" else None
         outputs["mask"] = storage.join(path, prune.MASK_FILE) if prune.MASK_FILE in files else None
         for name in (lsq.EXPORT_FILE, quantize.INT8_FILE):
             if name in files:
@@ -444,15 +437,6 @@ def summarize(record: dict, result, attempts: int, wall_s: float) -> dict:
     return {"id": record["id"], "experiment": record["experiment"], "kind": record["kind"], "status": "done",
             "metrics": metrics, "history": history or [], "checkpoint": path, "outputs": outputs,
             "attempts": attempts, "wall_s": wall_s, "ended": time.time(), "error": None}
-
-
-def _list_files(path: str) -> list[str]:
-    if "://" in path:
-        import pyarrow.fs
-
-        fs, key = pyarrow.fs.FileSystem.from_uri(path)
-        return [Path(i.path).name for i in fs.get_file_info(pyarrow.fs.FileSelector(key))]
-    return [p.name for p in Path(path).iterdir()]
 
 
 # --------------------------------------------------------------------------------------------------- status
@@ -701,24 +685,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    checked = set()
-    for name in sweep.experiments:  # a missing model or unreachable hub dataset fails here, not in a trial
+    # A missing model or an unreachable hub dataset fails here, not in a trial (each one checked once).
+    checks = {}
+    for name in sweep.experiments:
         cfg = first_config(sweep, name)
-        todo = [(cfg.model, lambda: models.resolve(cfg.model))] if sweep.experiments[name].kind in (
-            "finetune", "imp", "transfer") else []  # the other kinds load their parent's checkpoint
+        if sweep.experiments[name].kind in ("finetune", "imp", "transfer"):  # the others load a parent's model
+            checks.setdefault(("model", cfg.model), (name, partial(models.resolve, cfg.model)))
         if cfg.data.source == "hub":
-            todo.append((cfg.task, lambda: data.check_hub(data.TASKS[cfg.task], cfg.data.path)))
-        for what, check in todo:
-            if what in checked:
-                continue
-            checked.add(what)
-            try:
-                check()
-            except (models.ModelNotFound, data.DataError) as err:
-                if not args.dry_run:
-                    print(f"error: experiment {name!r}: {err}", file=sys.stderr)
-                    return 2
-                print(f"warning: experiment {name!r}: {str(err).splitlines()[0]} (a real run would stop here)")
+            checks.setdefault(("data", cfg.task, cfg.data.path),
+                              (name, partial(data.check_hub, data.TASKS[cfg.task], cfg.data.path)))
+    for name, check in checks.values():
+        try:
+            check()
+        except (models.ModelNotFound, data.DataError) as err:
+            if not args.dry_run:
+                print(f"error: experiment {name!r}: {err}", file=sys.stderr)
+                return 2
+            print(f"warning: experiment {name!r}: {str(err).splitlines()[0]} (a real run would stop here)")
     root = _root(sweep)
     if args.dry_run:
         if args.address:

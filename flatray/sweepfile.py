@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -171,13 +170,12 @@ def set_kind(raw: dict, kind: str) -> dict:
     return raw
 
 
-def static_config(sweep: SweepFile, name: str) -> dict:
-    """defaults + the experiment's overrides + its kind: the part of a trial's run config known before running."""
+def raw_config(sweep: SweepFile, name: str, inherited: dict, point: dict) -> dict:
+    """A trial's run config before validation: the defaults, the searched values inherited from its parent trial,
+    the experiment's config, then its own point (later wins), with the experiment's run kind."""
     exp = sweep.experiments[name]
-    raw = set_kind(_merge(sweep.defaults, exp.config), exp.kind)
-    raw.setdefault("output", {})["storage_path"] = str(Path(sweep.storage) / sweep.name) if "://" not in sweep.storage \
-        else f"{sweep.storage.rstrip('/')}/{sweep.name}"
-    return raw
+    raw = _merge(_merge(sweep.defaults, inherited), exp.config)
+    return set_kind(_merge(raw, point), exp.kind)
 
 
 def _inherited(sweep: SweepFile, name: str) -> dict:
@@ -194,15 +192,10 @@ def first_point(space: dict[str, dict[str, list]]) -> dict[str, Any]:
     return {key: next(iter(domain.values()))[0] for key, domain in space.items()}
 
 
-def grid_points(space: dict[str, dict[str, list]]) -> int:
-    return math.prod(len(v["grid"]) for v in space.values() if "grid" in v)
-
-
 def validate_run(sweep: SweepFile, name: str, point: dict[str, Any]) -> RunConfig:
     """The run config of one trial of `name` at `point`; a ConfigError names the experiment."""
     exp = sweep.experiments[name]
-    raw = _merge(_merge(static_config(sweep, name), _inherited(sweep, name)), exp.config)
-    raw = set_kind(_merge(raw, point), exp.kind)
+    raw = raw_config(sweep, name, _inherited(sweep, name), point)
     # What the parent trial provides exists only at run time: stand-ins that pass the checks.
     if exp.kind in NEEDS_PARENT and "model" not in raw:
         raw["model"] = "tiny-bert"

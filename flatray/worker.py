@@ -88,6 +88,14 @@ def zero_fraction(weights) -> float:
     return sum(int((w == 0).sum()) for w in weights) / total
 
 
+def write_run_files(folder: Path, cfg: RunConfig, metrics: dict, history: list[dict] | None = None) -> None:
+    """What every checkpoint carries besides weights: the resolved run config, its metrics (and every epoch's)."""
+    (folder / "flatray_run.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if history is not None:
+        (folder / "history.json").write_text(json.dumps(history, indent=2))
+
+
 def save_checkpoint(folder: Path, module, tokenizer, cfg: RunConfig, history: list[dict], masks=None,
                     mask_meta: dict | None = None, metrics: dict | None = None) -> None:
     """HF model folder + the run config + metrics of this epoch and of every epoch so far (+ the mask)."""
@@ -97,9 +105,7 @@ def save_checkpoint(folder: Path, module, tokenizer, cfg: RunConfig, history: li
     if masks is not None:
         prune.save_masks(folder / prune.MASK_FILE, masks, **(mask_meta or {}))
     tokenizer.save_pretrained(folder)
-    (folder / "flatray_run.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    (folder / "metrics.json").write_text(json.dumps(metrics or history[-1], indent=2))
-    (folder / "history.json").write_text(json.dumps(history, indent=2))
+    write_run_files(folder, cfg, metrics or history[-1], history)
 
 
 def quiet_libraries() -> None:
@@ -356,9 +362,7 @@ def structured(w: Worker) -> None:
         def save(folder: Path) -> None:
             cofi.save_pruned(engine.module, folder)
             w.tokenizer.save_pretrained(folder)
-            (folder / "flatray_run.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-            (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
-            (folder / "history.json").write_text(json.dumps(history, indent=2))
+            write_run_files(folder, cfg, metrics, history)
 
         w.report(metrics, save if improved else None)
 
@@ -418,9 +422,7 @@ def squat(w: Worker) -> None:
             lsq.export(engine.module, folder / lsq.EXPORT_FILE)
             metrics["export_bytes"] = (folder / lsq.EXPORT_FILE).stat().st_size
             w.tokenizer.save_pretrained(folder)
-            (folder / "flatray_run.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-            (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
-            (folder / "history.json").write_text(json.dumps(history, indent=2))
+            write_run_files(folder, cfg, metrics, history)
 
         w.report(metrics, save if improved else None)
 
@@ -472,8 +474,7 @@ def measure_only(w: Worker) -> None:
     metrics = {**w.evaluate(model), **sharpness_metrics(w, model)}
 
     def save(folder: Path) -> None:  # Ray keeps a run's results with its checkpoints: the numbers, no weights
-        (folder / "flatray_run.yaml").write_text(yaml.safe_dump(w.cfg.model_dump(mode="json"), sort_keys=False))
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_run_files(folder, w.cfg, metrics)
 
     w.report(metrics, save)
 
@@ -507,7 +508,6 @@ def post_training_quantization(w: Worker) -> None:
         torch.save(int8_model.state_dict(), folder / quantize.INT8_FILE)
         float_model.config.save_pretrained(folder)
         w.tokenizer.save_pretrained(folder)
-        (folder / "flatray_run.yaml").write_text(yaml.safe_dump(w.cfg.model_dump(mode="json"), sort_keys=False))
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_run_files(folder, w.cfg, metrics)
 
     w.report(metrics, save)
