@@ -132,7 +132,7 @@ class Contender:
             with torch.no_grad():
                 target = self.teacher(**self.batch)
             loss_fn = partial(distillation_loss, teacher_out=target, cfg=self.cfg)
-        squat.squat_step(self.engine, self.batch, self.cfg, self.step, loss_fn, self.latent)
+        squat.squat_step(self.engine, self.batch, self.cfg, loss_fn, self.latent)
 
     def run(self, n: int) -> list[tuple[float, str]]:
         out = []

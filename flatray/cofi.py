@@ -164,6 +164,40 @@ def kd_loss(student_logits, teacher_logits, temperature: float = 2.0) -> torch.T
     return F.kl_div(F.log_softmax(student_logits / T, -1), F.softmax(t / T, -1), reduction="batchmean") * T * T
 
 
+def distill_step(engine, masks: CoFiMasks, mask_opt, teacher, batch: dict, cfg, target: float) -> float:
+    """One step of the pruning phase: distil `teacher` into the masked student (`engine`, attached to `masks`),
+    with the Lagrangian pulling the expected sparsity to `target`; the engine steps the student, `mask_opt` the
+    masks and multipliers. Returns the loss. `cfg` is the run config (its `structured` section and precision).
+
+    The masks live outside the engine, so their gradients are averaged over the workers here; with fp16 they are
+    unscaled by the engine's loss scale, and a step the engine skips for overflow is skipped by `mask_opt` too.
+    """
+    from flatray.engine import all_reduce_mean, autocast, grad_scaler, optimizer_step
+
+    sc = cfg.structured
+    hidden = bool(sc.alpha_layer)  # hidden states only when the layer distillation uses them
+    engine.module.train()  # dropout on in the student; the teacher stays in eval mode
+    with torch.no_grad(), autocast(cfg, batch["input_ids"].device):
+        t_out = teacher(**batch, output_hidden_states=hidden)
+    s_out = engine(**batch, output_hidden_states=hidden)
+    loss = (lagrangian(masks.expected_sparsity(), target, masks.lambda_1, masks.lambda_2)
+            + sc.alpha_ce * kd_loss(s_out.logits, t_out.logits, sc.temperature))  # MSE for regression
+    if sc.alpha_layer:
+        loss = loss + sc.alpha_layer * layer_loss(s_out.hidden_states, t_out.hidden_states,
+                                                  attention_mask=batch.get("attention_mask"))
+    engine.backward(loss)
+    scaler = grad_scaler(engine)
+    unscale = 1.0 / scaler.get_scale() if scaler is not None else 1.0
+    mask_params = list(masks.parameters())
+    for p, g in zip(mask_params, all_reduce_mean([p.grad for p in mask_params])):
+        if g is not None:
+            p.grad.copy_(g * unscale if unscale != 1.0 else g)
+    if optimizer_step(engine):
+        mask_opt.step()
+    mask_opt.zero_grad()
+    return loss.item()
+
+
 def layer_transform(hidden_size: int) -> nn.Linear:
     """CoFi's learnable map applied to student hidden states before the MSE; starts as the identity so the loss
     starts as plain MSE. Train it with the model's weights; it is not part of the pruned model."""

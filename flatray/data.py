@@ -344,6 +344,21 @@ def _head(ds, n):
     return ds if n is None or n >= len(ds) else ds.select(range(n))
 
 
+SUBSET_SEED = 0  # not the run's seed: every optimizer and seed of a sweep trains on the same subset
+
+
+def train_subset(ds: datasets.Dataset, n: int | None, spec: TaskSpec, seed: int = SUBSET_SEED) -> datasets.Dataset:
+    """`n` training rows drawn at random (seeded), stratified by label for classification, not the first n: the
+    rows of a file are often sorted by label or by source."""
+    if n is None or n >= len(ds):
+        return ds
+    if spec.kind != "classification" or len(ds) - n < spec.num_labels or n < spec.num_labels:
+        return ds.shuffle(seed=seed).select(range(n))  # too few rows left to stratify: uniform at random
+    if not isinstance(ds.features["label"], datasets.ClassLabel):  # stratify_by_column needs a ClassLabel
+        ds = ds.cast_column("label", datasets.ClassLabel(num_classes=spec.num_labels))
+    return ds.train_test_split(train_size=n, stratify_by_column="label", seed=seed)["train"]
+
+
 def _encode_glue(spec, ds, tokenizer, max_length, with_labels):
     a, b = spec.text_keys
 
@@ -404,7 +419,7 @@ def _qa_eval_features(batch, tokenizer, max_length, doc_stride):
 def tokenize(spec: TaskSpec, raw: datasets.DatasetDict, tokenizer, max_length: int, doc_stride: int = 128,
              max_train_samples: int | None = None, max_eval_samples: int | None = None) -> TokenizedData:
     """Truncate (no padding: the collator pads per batch) and build train features plus one EvalSet per split."""
-    train = _head(raw["train"], max_train_samples)
+    train = train_subset(raw["train"], max_train_samples, spec)
     evals = {}
     if spec.kind == "qa":
         if not getattr(tokenizer, "is_fast", False):

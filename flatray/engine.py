@@ -10,10 +10,22 @@ SAM inside a DeepSpeed engine (METHODS.md section 2):
 At ZeRO 1/2 the engine keeps fp32 master weights in the optimizer and copies them back into the module after the
 step, so perturbing and restoring the module's (full) weights is exact. ZeRO-3 partitions the module's weights, so
 step 1 cannot see whole tensors: it is rejected by the config.
+
+Dropout. Training steps run in train mode (`from_pretrained` returns eval mode). Both passes of a SAM step see the
+same dropout masks: the RNG state is forked around the first pass, so the second pass draws what the first drew and
+leaves the RNG where one pass of Adam would. SAM's two gradients are then of the same function of w, and rho = 0 is
+Adam bit for bit, dropout on.
+
+Precision. bf16 and fp16 keep fp32 weights in the module and compute under `torch.autocast` (DeepSpeed's
+`torch_autocast` mode, like the HF Trainer's bf16/fp16 flags). With bf16 *weights*, SAM's e (|e_i| ~ 1e-5 at BERT
+scale, below half a bf16 ulp of |w| ~ 0.04) would mostly round away; with fp32 weights w + e is exact and the
+realised perturbation has norm rho. fp16 adds dynamic loss scaling (a GradScaler in the engine); SAM's first loss is
+multiplied by the same scale, so its gradient does not underflow (e is a direction: the scale cancels out).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import deepspeed
@@ -24,6 +36,7 @@ from flatray.config import RunConfig
 from flatray.optim import perturb_
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")  # HF convention: no weight decay there
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
@@ -33,8 +46,9 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
         "gradient_accumulation_steps": 1,
         "gradient_clipping": ds.gradient_clipping,  # explicit: DeepSpeed clips to 1.0 when unset
         "zero_optimization": {"stage": ds.zero_stage},
-        "bf16": {"enabled": ds.precision == "bf16"},
-        "fp16": {"enabled": ds.precision == "fp16"},
+        # fp32 weights, bf16/fp16 compute (see the module docstring); "bf16"/"fp16" sections stay off
+        "torch_autocast": {"enabled": ds.precision != "fp32",
+                           "dtype": {"bf16": "bfloat16", "fp16": "float16"}.get(ds.precision, "float32")},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -85,6 +99,41 @@ def initialize(model, optimizer, schedule, cfg: RunConfig, world_size: int):
     return engine
 
 
+def autocast(cfg: RunConfig, device) -> contextlib.AbstractContextManager:
+    """The run's compute precision for forwards outside the engine (SAM's first pass, teachers, evaluation)."""
+    dtype = AUTOCAST_DTYPES.get(cfg.deepspeed.precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def grad_scaler(engine):
+    """The engine's fp16 loss scaler (torch_autocast mode), or None."""
+    return getattr(engine, "torch_autocast_z0_gradscaler", None) or getattr(engine.optimizer, "torch_autocast_gradscaler", None)
+
+
+def optimizer_step(engine) -> bool:
+    """engine.step(); False when the step was skipped (fp16 loss scaling found inf/nan gradients).
+
+    A skipped step must not move the schedule (SQuAT's phases and the lr follow the steps taken). DeepSpeed skips
+    its scheduler on overflow only where its optimizer reports one; at ZeRO 0 with a GradScaler it does not, so a
+    fallen loss scale tells the skip, and the scheduler is stepped back here.
+    """
+    scaler = grad_scaler(engine)
+    scale = scaler.get_scale() if scaler is not None else None
+    before = getattr(engine.lr_scheduler, "last_epoch", None)
+    engine.step()
+    if scaler is None or scaler.get_scale() >= scale:
+        return engine.was_step_applied()
+    sched = engine.lr_scheduler
+    if sched is not None and sched.last_epoch != before:
+        sched.last_epoch = before
+        sched._last_lr = [base * f(before) for base, f in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(sched.optimizer.param_groups, sched._last_lr):
+            group["lr"] = lr
+    return False
+
+
 def model_loss(model, batch: dict) -> torch.Tensor:
     """The task loss the HF head computes from the batch's labels."""
     return model(**batch).loss
@@ -98,17 +147,26 @@ def train_step(engine, batch: dict, cfg: RunConfig, loss_fn=model_loss, sam: boo
     step (default: the run's optimizer is sam or asam); `perturb` limits the perturbation to these parameters
     (default: every trainable parameter; SQuAT perturbs the latent weights, not the step sizes)."""
     o = cfg.optimizer
+    engine.module.train()  # dropout on: from_pretrained hands the model over in eval mode
     if not (o.name != "adam" if sam is None else sam):
         loss = loss_fn(engine, batch)
         engine.backward(loss)
-        engine.step()
+        optimizer_step(engine)
         return loss.item()
 
     params = perturb if perturb is not None else [p for p in engine.module.parameters() if p.requires_grad]
-    loss = loss_fn(engine.module, batch)
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    device = params[0].device
+    scaler = grad_scaler(engine)
+    # The RNG comes back to its state before this pass, so the second pass draws the same dropout masks.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with autocast(cfg, device):
+            loss = loss_fn(engine.module, batch)
+        scale = scaler.get_scale() if scaler is not None else 1.0
+        grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, params, allow_unused=True)
     if o.sam_scope == "global":
         grads = all_reduce_mean(grads)
+    if scaler is not None and not all(bool(torch.isfinite(g).all()) for g in grads if g is not None):
+        grads = [None] * len(params)  # fp16 overflow: no ascent step; the engine's scaler skips this step
     saved = backup_buffers(engine, params)
     with torch.no_grad():
         torch._foreach_copy_(saved, params)
@@ -117,7 +175,7 @@ def train_step(engine, batch: dict, cfg: RunConfig, loss_fn=model_loss, sam: boo
     engine.backward(loss_fn(engine, batch))
     with torch.no_grad():
         torch._foreach_copy_(params, saved)  # restore by copy: exactly w again
-    engine.step()
+    optimizer_step(engine)
     return loss.item()
 
 

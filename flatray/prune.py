@@ -68,6 +68,8 @@ def random_masks(weights: dict[str, torch.Tensor], target: float, seed: int, sta
     names = list(weights)
     alive = torch.cat([start[n].flatten() for n in names])
     keep = alive.numel() - round(target * alive.numel())
+    if keep > int(alive.sum()):  # topk would have to pick pruned entries: it would revive them
+        raise ValueError(f"target sparsity {target} is below the start mask's {sparsity(start):.4f}")
     scores = torch.rand(alive.numel(), generator=torch.Generator().manual_seed(seed))
     scores[~alive] = -1.0
     kept = torch.zeros_like(alive)
@@ -100,20 +102,28 @@ class MaskedModel:
         missing = sorted(set(masks) - set(params))
         if missing:
             raise ValueError(f"mask names not in the model: {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-        self.pairs = []
+        self.params, self.masks = [], []
         for name, mask in masks.items():
             p = params[name]
             if p.shape != mask.shape:
                 raise ValueError(f"mask {name}: shape {tuple(mask.shape)} != weight {tuple(p.shape)}")
-            m = mask.to(device=p.device, dtype=p.dtype)
-            self.pairs.append((p, m))
-        self.handles = [p.register_hook(lambda g, m=m: g * m) for p, m in self.pairs]
+            self.params.append(p)
+            self.masks.append(mask.to(device=p.device, dtype=p.dtype))
+        self.handles = [p.register_hook(lambda g, i=i: g * self._mask(i, g)) for i, p in enumerate(self.params)]
         self.enforce()
+
+    def _mask(self, i: int, like: torch.Tensor) -> torch.Tensor:
+        """Mask i on `like`'s device and in its dtype. DeepSpeed moves and casts the module after the masks are
+        made (and a hook must return its gradient's dtype), so they follow on first use and are kept there."""
+        m = self.masks[i]
+        if m.device != like.device or m.dtype != like.dtype:
+            m = self.masks[i] = m.to(device=like.device, dtype=like.dtype)
+        return m
 
     @torch.no_grad()
     def enforce(self) -> None:
-        for p, m in self.pairs:
-            p.mul_(m)
+        for i, p in enumerate(self.params):
+            p.mul_(self._mask(i, p))
 
     def remove(self) -> None:
         for h in self.handles:

@@ -103,11 +103,22 @@ def eval_subset_loss(model: torch.nn.Module, batches: list[dict]) -> torch.Tenso
     return torch.stack(losses).mean()
 
 
+def weight_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What phi perturbs by default: the trainable parameters that are weights, not LSQ step sizes."""
+    from flatray.lsq import latent_params
+
+    return latent_params(model)
+
+
 def sharpness(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], torch.Tensor], eps: float,
               dim: int | None = 100, max_iter: int = 10, seed: int = 0,
               params: list[torch.nn.Parameter] | None = None) -> SharpnessResult:
-    """phi of `model` at its current weights; the weights come back bit-identical and each module's mode restored."""
-    params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+    """phi of `model` at its current weights; the weights come back bit-identical and each module's mode restored.
+
+    `params` defaults to the model's weights: every trainable parameter except LSQ step sizes. A step size (~0.01)
+    is a setting of the quantizer, not a weight, and its box eps * (|.| + 1) is ~100x its own size, so it would
+    dominate phi; for an LSQ model phi is measured over the latent weights (the quantizer is applied to w + A z)."""
+    params = weight_params(model) if params is None else list(params)
     proj = IdentityProjection(params) if dim is None else HashProjection(params, dim, seed)
     original = [p.detach().clone() for p in params]
     device = original[0].device

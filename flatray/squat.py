@@ -56,8 +56,15 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, total_
     return initialize(model, optimizer, schedule, cfg, world_size)
 
 
-def squat_step(engine, batch: dict, cfg: RunConfig, step: int, loss_fn, latent: list) -> float:
+def steps_taken(engine) -> int:
+    """Optimizer steps applied so far: the schedule's count, which fp16 steps skipped on overflow do not advance
+    (`flatray.engine.optimizer_step`). The phase comes from it, so the phase that picks SAM and the phase that
+    freezes a group through the lr can never disagree."""
+    return engine.lr_scheduler.last_epoch
+
+
+def squat_step(engine, batch: dict, cfg: RunConfig, loss_fn, latent: list) -> float:
     """One optimizer step of the alternation: SAM/ASAM on the latent weights in phase A and in a joint step (when
     the run's optimizer is sam/asam), a plain gradient step in phase B."""
-    sam = cfg.optimizer.name != "adam" and phase(step, cfg) != "B"
+    sam = cfg.optimizer.name != "adam" and phase(steps_taken(engine), cfg) != "B"
     return train_step(engine, batch, cfg, loss_fn=loss_fn, sam=sam, perturb=latent)

@@ -70,11 +70,13 @@ def predict(module, features, collate, batch_size: int, device, rank: int, world
 
 def evaluate(module, tokenized, spec, collate, cfg: RunConfig, device, rank: int, world: int) -> dict[str, float]:
     from flatray.data import compute_metrics
+    from flatray.engine import autocast
 
     metrics = {}
     for split, eval_set in tokenized.evals.items():
-        outputs = predict(module, eval_set.features, collate, cfg.train.eval_batch_size, device, rank, world,
-                          pad_to=cfg.data.max_length)
+        with autocast(cfg, device):  # the run's compute precision (logits are read back as float32)
+            outputs = predict(module, eval_set.features, collate, cfg.train.eval_batch_size, device, rank, world,
+                              pad_to=cfg.data.max_length)
         for key, value in compute_metrics(spec, eval_set, outputs).items():
             metrics[f"{split}/{key}"] = float(value)
     # The score that picks the best checkpoint: the main metric on the first dev split (MNLI: matched).
@@ -276,12 +278,9 @@ def train_loader(w: Worker):
 def structured(w: Worker) -> None:
     """kind: structured (CoFi): distil the teacher (model: a checkpoint) into a student with hard-concrete masks and
     a Lagrangian pulling the expected sparsity to a ramping target; remove what the masks prune; fine-tune the
-    smaller model. Both phases run in DeepSpeed engines; the masks' gradients are averaged over the workers here,
-    since DeepSpeed only reduces the parameters it wraps."""
-    import torch
-
+    smaller model. Both phases run in DeepSpeed engines; the masks live outside the engine (cofi.distill_step)."""
     from flatray import cofi, models
-    from flatray.engine import all_reduce_mean, build_engine, train_step
+    from flatray.engine import build_engine, train_step
 
     cfg, sc = w.cfg, w.cfg.structured
     sampler, loader = train_loader(w)
@@ -306,25 +305,8 @@ def structured(w: Worker) -> None:
         losses = []
         for batch in loader:
             batch = {k: v.to(w.device) for k, v in batch.items()}
-            hidden = bool(sc.alpha_layer)  # hidden states only when the layer distillation uses them
-            with torch.no_grad():
-                t_out = teacher(**batch, output_hidden_states=hidden)
-            s_out = engine(**batch, output_hidden_states=hidden)
             target = cofi.target_at(step, ramp, sc.target_sparsity)
-            loss = (cofi.lagrangian(masks.expected_sparsity(), target, masks.lambda_1, masks.lambda_2)
-                    + sc.alpha_ce * cofi.kd_loss(s_out.logits, t_out.logits, sc.temperature))  # MSE for regression
-            if sc.alpha_layer:
-                loss = loss + sc.alpha_layer * cofi.layer_loss(s_out.hidden_states, t_out.hidden_states,
-                                                               attention_mask=batch.get("attention_mask"))
-            engine.backward(loss)
-            mask_params = list(masks.parameters())
-            for p, g in zip(mask_params, all_reduce_mean([p.grad for p in mask_params])):
-                if g is not None:
-                    p.grad.copy_(g)
-            engine.step()
-            mask_opt.step()
-            mask_opt.zero_grad()
-            losses.append(loss.item())
+            losses.append(cofi.distill_step(engine, masks, mask_opt, teacher, batch, cfg, target))
             step += 1
         masks.eval()
         metrics = w.evaluate(engine.module)
@@ -377,6 +359,7 @@ def squat(w: Worker) -> None:
 
     from flatray import lsq, models
     from flatray import squat as squat_lib
+    from flatray.engine import autocast
 
     cfg, sq = w.cfg, w.cfg.squat
     sampler, loader = train_loader(w)
@@ -395,18 +378,17 @@ def squat(w: Worker) -> None:
     engine = squat_lib.build_engine(student, cfg, w.world, total_steps=cfg.train.epochs * len(loader))
     seed_everything(cfg.train.seed + w.rank)
 
-    best, history, step = -float("inf"), [], 0
+    best, history, best_state = -float("inf"), [], None
     for epoch in range(1, cfg.train.epochs + 1):
         start = time.perf_counter()
         sampler.set_epoch(epoch)
         losses = []
         for batch in loader:
             batch = {k: v.to(w.device) for k, v in batch.items()}
-            with torch.no_grad():
+            with torch.no_grad(), autocast(cfg, w.device):
                 target = teacher(**batch, output_hidden_states=bool(sq.kd_hidden), output_attentions=bool(sq.kd_attention))
             loss_fn = partial(distillation_loss, teacher_out=target, cfg=cfg)
-            losses.append(squat_lib.squat_step(engine, batch, cfg, step, loss_fn, latent))
-            step += 1
+            losses.append(squat_lib.squat_step(engine, batch, cfg, loss_fn, latent))
         metrics = {**w.evaluate(engine.module), **lsq.level_fractions(engine.module), **lsq.mean_step_sizes(engine.module),
                    "epoch": epoch, "train_loss": float(np.mean(losses)), "epoch_seconds": time.perf_counter() - start}
         improved = metrics["score"] > best
@@ -415,8 +397,8 @@ def squat(w: Worker) -> None:
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(w.spec.eval_splits))
         w.log(f"epoch {epoch}/{cfg.train.epochs}  train_loss {metrics['train_loss']:.4f}  {shown}"
               f"{'  *best*' if improved else ''}")
-        if epoch == cfg.train.epochs and cfg.sharpness.enabled:
-            metrics.update(sharpness_metrics(w, engine.module))  # of the final model
+        if improved and cfg.sharpness.enabled:
+            best_state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
 
         def save(folder: Path, metrics=metrics) -> None:
             lsq.export(engine.module, folder / lsq.EXPORT_FILE)
@@ -425,6 +407,14 @@ def squat(w: Worker) -> None:
             write_run_files(folder, cfg, metrics, history)
 
         w.report(metrics, save if improved else None)
+
+    if cfg.sharpness.enabled:
+        # As in finetune: the best dev model's sharpness, reported with its checkpoint (and export size) as the
+        # last word, so summary.json and W&B have them whichever epoch was best.
+        engine.module.load_state_dict(best_state)
+        final = {k: v for k, v in max(history, key=lambda m: m["score"]).items() if k != "export_bytes"}
+        final.update(sharpness_metrics(w, engine.module))
+        w.report(final, lambda folder: save(folder, final))
 
 
 def distillation_loss(model, batch: dict, teacher_out, cfg: RunConfig):

@@ -60,7 +60,7 @@ BAD = [
     ("deepspeed: {zero_stage: 3}", ["deepspeed.zero_stage", "3", "ZeRO-3 is not supported"]),
     ("deepspeed: {zero_stage: 5}", ["deepspeed.zero_stage", "5", "0, 1 or 2"]),
     ("deepspeed: {precision: fp8}", ["deepspeed.precision", "'fp8'", "'fp32', 'bf16' or 'fp16'"]),
-    ("deepspeed: {precision: fp16}", ["deepspeed.precision", "'fp16'", "use_gpu"]),
+    ("deepspeed: {precision: fp16, zero_stage: 2}", ["deepspeed.precision", "'fp16'", "ZeRO 0 only"]),
     ("deepspeed: {gradient_clipping: -1}", ["deepspeed.gradient_clipping", "-1", "greater than or equal to 0"]),
     ("train: {epochs: 0}", ["train.epochs", "0", "greater than 0"]),
     ("train: {lr: fast}", ["train.lr", "'fast'", "number"]),
@@ -133,3 +133,11 @@ def test_cli_fails_before_ray_starts(tmp_path, capsys):
         assert not ray.is_initialized()
     else:
         assert "ray" not in sys.modules  # the driver did not even import Ray
+
+
+@pytest.mark.parametrize("precision,stage", [("bf16", 0), ("bf16", 2), ("fp16", 0)])
+def test_reduced_precision_runs_without_a_gpu(precision, stage):
+    """bf16/fp16 are torch.autocast over fp32 weights: they run on DeepSpeed's CPU accelerator too."""
+    cfg = config.from_dict({"model": "tiny-bert", "task": "toy",
+                            "deepspeed": {"precision": precision, "zero_stage": stage}})
+    assert cfg.deepspeed.precision == precision and not cfg.scaling.use_gpu

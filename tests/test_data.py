@@ -372,3 +372,25 @@ def test_compute_metrics_keys(tokenizer, tmp_path, task, keys):
         out = data.compute_metrics(spec, ev, np.roll(logits, 1, axis=1))  # every prediction wrong
         if "accuracy" in out:
             assert out["accuracy"] == 0.0
+
+
+def test_max_train_samples_is_a_seeded_stratified_subset(tokenizer):
+    """A file sorted by label: the first 100 rows are all one class. The subset must hold both classes in their
+    proportion (stratified), be drawn at random, and be the same whatever the run's seed or optimizer (tokenize
+    takes neither)."""
+    import datasets
+
+    raw = data.toy_dataset(seed=0)
+    ordered = raw["train"].sort("label")
+    assert set(ordered.select(range(100))["label"]) == {0}
+    raw = datasets.DatasetDict({"train": ordered, "validation": raw["validation"]})
+    spec = TASKS["toy"]
+    a = data.tokenize(spec, raw, tokenizer, 32, max_train_samples=100)
+    b = data.tokenize(spec, raw, tokenizer, 32, max_train_samples=100)
+    labels = a.train["labels"]
+    assert len(labels) == 100 and sum(labels) == 50  # stratified: exactly the file's 50/50
+    assert a.train[:] == b.train[:]  # seeded: the same subset every time
+    first = data.tokenize(spec, raw, tokenizer, 32, max_train_samples=None).train.select(range(100))
+    assert a.train["input_ids"] != first["input_ids"]  # not the first rows
+    # regression and too-small remainders fall back to a plain seeded shuffle
+    assert len(data.train_subset(ordered, 1999, spec)) == 1999

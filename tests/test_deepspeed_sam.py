@@ -1,5 +1,9 @@
 """SAM/ASAM/Adam inside a real DeepSpeed engine (CPU, gloo, ZeRO 0/1/2, world size 1 and 2) against a plain
-PyTorch reference on the same batches, for both perturbation scopes (METHODS.md section 2)."""
+PyTorch reference on the same batches, for both perturbation scopes (METHODS.md section 2).
+
+Dropout stays on (the tiny BERT's 0.1, as loaded by `models.load_model`). Each worker seeds its RNG; the reference
+replays each worker's RNG stream, and gives both passes of a SAM step the same dropout masks by restoring that
+worker's RNG state before the second pass (what flatray.engine.train_step promises)."""
 
 import os
 import socket
@@ -14,6 +18,8 @@ from flatray.data import TASKS
 STEPS, GLOBAL_BATCH, SEQ, LR = 3, 8, 12, 1e-3
 CASES = [  # (optimizer, scope, gradient clipping)
     ("adam", "worker", 0.0),
+    ("sam0", "worker", 0.0),  # SAM with rho = 0: Adam bit for bit, dropout on
+    ("sam0", "global", 0.0),
     ("sam", "worker", 0.0),
     ("sam", "global", 0.0),
     ("asam", "worker", 0.0),
@@ -21,13 +27,15 @@ CASES = [  # (optimizer, scope, gradient clipping)
     ("sam", "worker", 0.5),
 ]
 STAGES = (0, 1, 2)
+RHO = {"adam": 0.0, "sam0": 0.0, "sam": 0.05, "asam": 0.5}
+DROPOUT_SEED = 1000  # + rank: each worker's own dropout stream
 
 
 def run_config(opt, scope, clip, stage, world):
     return RunConfig(
         model="tiny-bert", task="toy",
         train={"batch_size": GLOBAL_BATCH, "epochs": 1, "lr": LR, "schedule": "linear"},
-        optimizer={"name": opt, "sam_scope": scope, "rho": {"adam": 0.0, "sam": 0.05, "asam": 0.5}[opt]},
+        optimizer={"name": opt.removesuffix("0"), "sam_scope": scope, "rho": RHO[opt]},
         deepspeed={"zero_stage": stage, "gradient_clipping": clip},
         scaling={"num_workers": world},
     )
@@ -37,7 +45,9 @@ def new_model():
     from flatray import models
 
     torch.manual_seed(0)
-    return models.load_model("tiny-bert", TASKS["toy"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = models.load_model("tiny-bert", TASKS["toy"])
+    assert model.config.hidden_dropout_prob == 0.1 and model.config.attention_probs_dropout_prob == 0.1
+    return model
 
 
 def batches(vocab):
@@ -77,6 +87,7 @@ def worker(rank, world, port, out_dir, job="reference"):
             cfg = run_config(opt, scope, clip, stage, world)
             model = new_model()
             engine = build_engine(model, cfg, world, total_steps=STEPS)
+            torch.manual_seed(DROPOUT_SEED + rank)
             for b in batches(model.config.vocab_size):
                 train_step(engine, shard(b, rank, world), cfg)
             if rank == 0:
@@ -111,28 +122,37 @@ def masked_runs(rank, world, out_dir):
         dist.barrier()
 
 
-def grads(model, batch):
+def grads(model, batch, rng_state):
+    """The gradient on `batch` with dropout drawn from `rng_state`; returns it and the RNG state after the pass."""
+    torch.set_rng_state(rng_state)
     model.zero_grad()
     model(**batch).loss.backward()
-    return [p.grad.detach().clone() for p in model.parameters()]
+    return [p.grad.detach().clone() for p in model.parameters()], torch.get_rng_state()
 
 
 def reference(opt, scope, clip, world):
-    """Plain PyTorch, one process: each worker's sub-batch is simulated one after the other."""
-    model = new_model()
+    """Plain PyTorch, one process: each worker's sub-batch is simulated one after the other, each with its worker's
+    RNG stream; both passes of a SAM step start from the same RNG state (the same dropout masks)."""
+    model = new_model().train()
     params = list(model.parameters())
     adam = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(adam, lambda s: (STEPS - s) / STEPS)
-    rho = {"adam": 0.0, "sam": 0.05, "asam": 0.5}[opt]
+    rho = RHO[opt]
+    streams = []
+    for r in range(world):
+        torch.manual_seed(DROPOUT_SEED + r)
+        streams.append(torch.get_rng_state())
     for b in batches(model.config.vocab_size):
         shards = [shard(b, r, world) for r in range(world)]
         w = [p.detach().clone() for p in params]
-        first = [grads(model, s) for s in shards]
+        passes = [grads(model, s, streams[r]) for r, s in enumerate(shards)]
+        first = [g for g, _ in passes]
         if scope == "global":
             mean = [sum(gs) / world for gs in zip(*first)]
             first = [mean] * world
         second = []
-        for s, g in zip(shards, first):
+        for r, (s, g) in enumerate(zip(shards, first)):
+            start_state, streams[r] = streams[r], passes[r][1]
             if opt == "adam":
                 second.append(g)
                 continue
@@ -141,7 +161,7 @@ def reference(opt, scope, clip, world):
             with torch.no_grad():
                 for p, wi, ti, gi in zip(params, w, t, g):
                     p.copy_(wi + rho * ti * ti * gi / (norm + 1e-12))
-            second.append(grads(model, s))
+            second.append(grads(model, s, start_state)[0])  # same masks as the first pass
             with torch.no_grad():
                 for p, wi in zip(params, w):
                     p.copy_(wi)
@@ -167,6 +187,16 @@ def deepspeed_results(request, tmp_path_factory):
     new_model()  # build the tiny-bert cache once, before the workers race for it
     mp.spawn(worker, args=(world, free_port(), str(out)), nprocs=world, join=True)
     return world, out
+
+
+@pytest.mark.parametrize("scope", ["worker", "global"])
+def test_rho_zero_sam_is_adam_bit_for_bit_with_dropout_on(deepspeed_results, scope):
+    world, out = deepspeed_results
+    for stage in STAGES:
+        adam = torch.load(os.path.join(out, f"{world}-{stage}-adam-worker-0.0.pt"))
+        sam0 = torch.load(os.path.join(out, f"{world}-{stage}-sam0-{scope}-0.0.pt"))
+        for k in adam:
+            assert torch.equal(sam0[k], adam[k]), f"ZeRO {stage}, {k}"
 
 
 @pytest.mark.parametrize("opt,scope,clip", CASES)

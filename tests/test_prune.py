@@ -186,3 +186,46 @@ def test_bad_prune_configs(tmp_path):
         config.from_dict({"model": "tiny-bert", "task": "toy", "prune": {"rewind": "none", "sparsity": 0.1}})
     with pytest.raises(config.ConfigError, match="prune.sparsity.*less than 1"):
         config.from_dict({"model": "tiny-bert", "task": "toy", "prune": {"sparsity": 1.0}})
+
+
+def test_random_masks_never_revive_pruned_weights():
+    """Like magnitude_masks: a target below the start mask's sparsity is rejected, not met by reviving weights."""
+    weights = prune.prunable_weights(tiny())
+    start = prune.random_masks(weights, 0.5, seed=0)
+    with pytest.raises(ValueError, match="below the start mask"):
+        prune.random_masks(weights, 0.3, seed=1, start=start)
+    deeper = prune.random_masks(weights, 0.7, seed=1, start=start)
+    assert all(not (deeper[n] & ~start[n]).any() for n in weights)
+    assert prune.sparsity(deeper) == pytest.approx(0.7, abs=0.001)
+
+
+@pytest.mark.parametrize("move", [False, True], ids=["cpu", "cuda"])
+def test_masks_follow_their_weights_to_bf16_and_another_device(move):
+    """Masks are made before DeepSpeed moves and casts the module: the gradient hook and `enforce` must work on
+    the cast (and moved) weights, and pruned weights stay exactly zero through SAM's and Adam's steps."""
+    if move and not torch.cuda.is_available():
+        pytest.skip("no second device here")
+    model = tiny()
+    masks = prune.magnitude_masks(prune.prunable_weights(model), 0.5)
+    masked = prune.MaskedModel(model, masks)
+    model.to(device="cuda" if move else "cpu", dtype=torch.bfloat16).train()
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(5, model.config.vocab_size, (4, 10), generator=g).to(device),
+             "labels": torch.randint(0, 2, (4,), generator=g).to(device)}
+    sam = SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-2, weight_decay=0.01)
+    adam = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    for _ in range(2):
+        model(**batch).loss.backward()
+        sam.first_step(zero_grad=True)
+        model(**batch).loss.backward()
+        sam.second_step(zero_grad=True)
+        model(**batch).loss.backward()
+        adam.step()
+        adam.zero_grad()
+    masked.enforce()
+    weights = prune.prunable_weights(model)
+    for name, mask in masks.items():
+        w = weights[name]
+        assert w.dtype == torch.bfloat16 and (w[~mask.to(device)] == 0).all(), name
+        assert (w[mask.to(device)] != 0).any(), name

@@ -185,6 +185,31 @@ def test_squat_from_the_full_precision_teacher(dense_run):
     assert metrics["export_bytes"] < os.path.getsize(f"{teacher_ckpt.path}/model.safetensors")
 
 
+def test_squat_sharpness_and_export_size_reach_the_summary_when_an_earlier_epoch_was_best(dense_run):
+    """Epoch 2 of this run cannot beat epoch 1 (lr ~ 0: the same 4-bit codes, the same score), so it is not
+    checkpointed; the sharpness and export size must still reach what Ray keeps and summary.json (W&B's summary
+    is summary.json's metrics)."""
+    from flatray import sweep
+
+    tmp_path, _, teacher_run = dense_run
+    (teacher_ckpt, _), = teacher_run.best_checkpoints
+    result = train.fit(config.from_dict({
+        "kind": "squat", "model": teacher_ckpt.path, "task": "toy",
+        "data": {"max_train_samples": 64, "max_eval_samples": 64},
+        "train": {"batch_size": 32, "lr": 1e-12, "epochs": 2, "seed": 0},
+        "optimizer": {"name": "sam", "rho": 0.05}, "scaling": {"num_workers": 1},
+        "squat": {"weight_bits": 4, "act_bits": 8, "lr_steps": 1e-12},
+        "sharpness": {"enabled": True, "dim": 5, "samples": 16, "max_iter": 2, "eps": [0.005]},
+        "output": {"storage_path": str(tmp_path)},
+    }))
+    history = json.load(open(f"{result.checkpoint.path}/history.json"))
+    assert [h["epoch"] for h in history] == [1, 2] and history[1]["score"] == history[0]["score"]
+    record = {"id": "t", "experiment": "squat", "kind": "squat", "dir": str(tmp_path / "t")}
+    summary = sweep.summarize(record, result, attempts=1, wall_s=0.0)
+    for metrics in (result.metrics, summary["metrics"], json.load(open(f"{result.checkpoint.path}/metrics.json"))):
+        assert metrics["epoch"] == 1 and metrics["sharpness/eps=0.005"] >= 0 and metrics["export_bytes"] > 0
+
+
 def test_squad_from_local_files_through_ray_train(tmp_path, ray_session):
     files = write_squad_files(tmp_path)
     cfg = config.from_dict({

@@ -168,3 +168,26 @@ def test_tiny_bert_sharpness_many(tiny_bert):
     metrics = sharpness_many(model, loss_fn, dim=20, max_iter=3)
     assert set(metrics) == {"sharpness/eps=0.005", "sharpness/eps=0.001", "sharpness/eps=0.0005"}
     assert all(np.isfinite(v) and v >= 0 for v in metrics.values())
+
+
+def test_lsq_model_sharpness_is_over_the_weights_not_the_step_sizes():
+    """A quantized model's phi perturbs its latent weights (the quantizer re-applied to w + A z), never the LSQ
+    step sizes: the default equals phi with the step sizes left out by hand, and differs from phi with them in."""
+    from flatray import lsq, models
+    from flatray.data import TASKS
+
+    torch.manual_seed(0)
+    model = models.load_model("tiny-bert", TASKS["toy"])
+    lsq.quantize_model(model, lsq.QuantSpec(weight_bits=4, act_bits=8))
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(5, model.config.vocab_size, (8, 12), generator=g),
+                "labels": torch.randint(0, 2, (8,), generator=g)} for _ in range(2)]
+    lsq.calibrate(model, batches[0])
+    loss_fn = partial(eval_subset_loss, batches=batches)
+    by_hand = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith("step_size")]
+    everything = [p for p in model.parameters() if p.requires_grad]
+    assert len(by_hand) < len(everything)
+    kw = dict(eps=5e-3, dim=20, max_iter=5, seed=0)
+    default = sharpness(model, loss_fn, **kw).phi
+    assert default == sharpness(model, loss_fn, params=by_hand, **kw).phi
+    assert default != sharpness(model, loss_fn, params=everything, **kw).phi

@@ -73,7 +73,7 @@ def worker(rank, world, port, out_dir, cases):
         for step, b in enumerate(batches(model.config.vocab_size)):
             before = snapshot(engine.module)
             shard = {k: v[rank * n:(rank + 1) * n] for k, v in b.items()}
-            squat.squat_step(engine, shard, cfg, step, model_loss, latent)
+            squat.squat_step(engine, shard, cfg, model_loss, latent)
             after = snapshot(engine.module)
             trace.append({"phase": squat.phase(step, cfg),
                           "weights_same": all(torch.equal(x, y) for x, y in zip(before[0], after[0])),
