@@ -19,7 +19,7 @@ import yaml
 from pydantic_core import PydanticCustomError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from flatray.data import TASKS
+from flatray.tasks import TASKS
 
 
 class ConfigError(ValueError):
