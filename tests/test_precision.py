@@ -266,10 +266,13 @@ def worker(rank, port, out_path):
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     dist.init_process_group("gloo", rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend="gloo")
-    out = {}
+    out = {"errors": []}
     for job in (modes_in_training_step, perturbation_norms, direction_of_e, against_fp32, cofi_against_fp32,
                 fp16_overflow_skips, partial(squat_against_fp32, tmp=os.path.dirname(out_path))):
-        job(out)
+        try:  # one broken path must not hide what the others measure
+            job(out)
+        except Exception as err:
+            out["errors"].append(f"{getattr(job, '__name__', job)}: {type(err).__name__}: {err}")
     torch.save(out, out_path)
     dist.destroy_process_group()
 
@@ -285,7 +288,14 @@ def measured(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("precision") / "measured.pt")
     load()  # build the tiny-bert cache before the worker
     mp.spawn(worker, args=(free_port(), path), nprocs=1, join=True)
-    return torch.load(path, weights_only=False)
+    return Measured(torch.load(path, weights_only=False))
+
+
+class Measured(dict):
+    """What the worker measured; a missing figure fails with the errors of the jobs that broke."""
+
+    def __missing__(self, key):
+        pytest.fail(f"{key} was not measured; errors: {self['errors']}")
 
 
 # ------------------------------------------------------------------------------------------------------- tests
