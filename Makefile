@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.flatray-installed
 
-.PHONY: test smoke bench clean-venv
+.PHONY: test smoke bench gpu-check clean-venv
 .DEFAULT_GOAL := test
 
 $(STAMP): pyproject.toml constraints.txt
@@ -33,6 +33,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/step_cost.py
+
+# Every accelerator path (bf16/fp16 SAM/ASAM, IMP masks, CoFi, SQuAT, sharpness, bert-base throughput and MFU) in one
+# run of at most 8 minutes on one GPU; exit code 1 if a check fails. Flags: GPU_CHECK_ARGS="--device cpu --quick"
+# (small models, a few minutes on a CPU), --json PATH, --peak-tflops T. On an air-gapped GPU machine, without make or
+# this venv: bench/README.md, "GPU check on an air-gapped machine".
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

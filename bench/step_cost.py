@@ -9,10 +9,18 @@ step time of each over all timed steps gives the ratios:
     SAM/Adam step time         target <= 2.1  (SAM does two forward/backward passes: 2.0 is the floor)
     flatray / HF Trainer sam/s target >= 1.0
 
+With `--precision bf16` the three flatray contenders run in fp32 *and* in bf16 (fp32 weights, compute under
+torch.autocast: flatray.engine), all six side by side in the same round-robin, and the HF Trainer runs with bf16=True
+(the same autocast-over-fp32-weights scheme). It adds SAM/Adam per precision, bf16/fp32 per optimizer, and bf16 SAM
+against fp32 Adam. After the timing, one extra step of each SAM engine measures the realised perturbation
+||w' - w|| / rho (1.00 when w + e is exact, as it is with fp32 weights).
+
     python bench/step_cost.py                       # bert-base, batch 8 (32 on GPU), seq 128
     python bench/step_cost.py --model-size small    # 4-layer BERT, for a quick look
+    python bench/step_cost.py --precision bf16      # fp32 and bf16 side by side
 
-It runs unchanged on CPU and on one CUDA GPU. It is a benchmark, not a test: the exit code is 0 whatever the ratios.
+It runs unchanged on CPU and on one CUDA GPU, bf16 included. It is a benchmark, not a test: the exit code is 0
+whatever the ratios.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from flatray.engine import build_engine, train_step  # noqa: E402
 
 TARGET_SAM = 2.1
 TARGET_HF = 1.0
+OPTIMIZERS = {"adam": "Adam", "sam": "SAM", "asam": "ASAM"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,31 +61,26 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per contender before the first round")
     p.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2))
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: flatray in fp32 and bf16 side by side, the HF Trainer in bf16 (CPU or GPU)")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="torch threads (on a shared CPU, 1 gives steadier timings)")
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON here")
-    args = p.parse_args()
-    if args.precision == "bf16" and not CUDA:
-        p.error("--precision bf16 needs a CUDA GPU (flatray allows bf16 only with use_gpu)")
-    return args
-
-
-
-
+    return p.parse_args()
 
 
 class Flatray:
-    """One flatray optimizer (adam, sam or asam) in its own DeepSpeed engine."""
+    """One flatray optimizer (adam, sam or asam) in one precision, in its own DeepSpeed engine."""
 
-    def __init__(self, optimizer: str, model: torch.nn.Module, batch: dict, args, total_steps: int):
-        self.name = f"flatray {optimizer.upper() if optimizer != 'adam' else 'Adam'}"
+    def __init__(self, optimizer: str, precision: str, name: str, model: torch.nn.Module, batch: dict, args,
+                 total_steps: int):
+        self.optimizer, self.precision, self.name = optimizer, precision, name
         self.cfg = RunConfig(
             model="tiny-bert",  # not read by the engine functions: the module is passed in
             task="toy",
             train={"batch_size": args.batch, "epochs": 1, "lr": 2e-5},
             optimizer={"name": optimizer},
-            deepspeed={"zero_stage": args.zero_stage, "precision": args.precision, "gradient_clipping": 1.0},
+            deepspeed={"zero_stage": args.zero_stage, "precision": precision, "gradient_clipping": 1.0},
             scaling={"num_workers": 1, "use_gpu": CUDA},
         )
         self.engine = build_engine(model, self.cfg, world_size=1, total_steps=total_steps)
@@ -84,6 +88,20 @@ class Flatray:
 
     def run(self, n: int) -> list[float]:
         return time_calls(lambda: train_step(self.engine, self.batch, self.cfg), n)
+
+    def realised_perturbation(self) -> float:
+        """||w' - w|| / rho of one more SAM step: w' is the weights at its second (perturbed) forward."""
+        params = [p for p in self.engine.module.parameters() if p.requires_grad]
+        w = [p.detach().clone() for p in params]
+        norms = []
+
+        def loss_fn(model, batch):
+            with torch.no_grad(), torch.autocast(self.engine.device.type, enabled=False):
+                norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(torch._foreach_sub(params, w)))).item())
+            return model(**batch).loss
+
+        train_step(self.engine, self.batch, self.cfg, loss_fn=loss_fn)
+        return norms[1] / self.cfg.optimizer.rho  # norms[0] is the first pass, at w
 
 
 class RepeatedBatch(torch.utils.data.Dataset):
@@ -108,9 +126,7 @@ class HFTrainer:
     Trainer's start-up nor the data loading (the batch is fetched before `on_step_begin`).
     """
 
-    name = "HF Trainer"
-
-    def __init__(self, model: torch.nn.Module, batch: dict, args, output_dir: str):
+    def __init__(self, model: torch.nn.Module, batch: dict, args, output_dir: str, name: str):
         from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
         class StepTimer(TrainerCallback):
@@ -125,6 +141,7 @@ class HFTrainer:
                 sync()
                 self.times.append(time.perf_counter() - self.t0)
 
+        self.name = name
         self.timer = StepTimer()
         targs = TrainingArguments(
             output_dir=output_dir,
@@ -138,7 +155,7 @@ class HFTrainer:
             dataloader_num_workers=0,
             disable_tqdm=True,
             use_cpu=not CUDA,
-            bf16=args.precision == "bf16",
+            bf16=args.precision == "bf16",  # autocast over fp32 weights, on CPU too (use_cpu)
         )
         # Enough rows for the longest call, so that no call crosses an epoch boundary.
         data = RepeatedBatch(batch, args.batch * max(args.steps, args.warmup))
@@ -148,6 +165,9 @@ class HFTrainer:
         kind = str(self.trainer.accelerator.distributed_type)
         if "NO" not in kind:
             raise RuntimeError(f"HF Trainer set itself up as distributed ({kind}); the comparison would be unfair")
+        mixed = self.trainer.accelerator.mixed_precision
+        if mixed != {"fp32": "no", "bf16": "bf16"}[args.precision]:
+            raise RuntimeError(f"HF Trainer runs with mixed_precision {mixed!r}, not {args.precision}")
 
     def run(self, n: int) -> list[float]:
         self.trainer.args.max_steps = n
@@ -166,35 +186,97 @@ def hf_unavailable() -> str | None:
     return None
 
 
-def step_ratios(step_time: dict[str, float]) -> dict[str, float]:
-    adam = step_time["flatray Adam"]
-    ratios = {"sam_over_adam_step_time": step_time["flatray SAM"] / adam,
-              "asam_over_adam_step_time": step_time["flatray ASAM"] / adam}
-    if "HF Trainer" in step_time:
-        ratios["flatray_over_hf_samples_per_s"] = step_time["HF Trainer"] / adam  # samples/s: the inverse time ratio
+def build_hf(base, batch, args, output_dir: str, name: str) -> tuple[HFTrainer | None, str | None]:
+    """The HF contender, warmed up; with bf16, one that cannot run here is left out (with the reason) instead of
+    the run. Its warm-up runs here so that such a failure shows before anything is timed."""
+    skipped = hf_unavailable()
+    if skipped:
+        return None, skipped
+    try:
+        hf = HFTrainer(copy.deepcopy(base), batch, args, output_dir, name)
+        hf.run(args.warmup)
+    except Exception as e:  # noqa: BLE001 -- reported and skipped; fp32 keeps failing loudly
+        if args.precision == "fp32":
+            raise
+        return None, f"the HF Trainer with bf16=True does not run here ({type(e).__name__}: {e})"
+    return hf, None
+
+
+def step_ratios(step_time: dict[str, float], names: dict[tuple[str, str], str], hf_name: str | None,
+                precision: str) -> dict[str, float]:
+    """SAM/Adam and ASAM/Adam per precision (keys suffixed _fp32/_bf16 when both ran), bf16/fp32 per optimizer,
+    and flatray Adam / HF Trainer in the chosen precision."""
+    precisions = sorted({p for _, p in names}, key=("fp32", "bf16").index)
+    t = {key: step_time[name] for key, name in names.items()}
+    ratios = {}
+    for p in precisions:
+        suffix = f"_{p}" if len(precisions) > 1 else ""
+        ratios[f"sam_over_adam_step_time{suffix}"] = t["sam", p] / t["adam", p]
+        ratios[f"asam_over_adam_step_time{suffix}"] = t["asam", p] / t["adam", p]
+    if len(precisions) > 1:
+        for o in OPTIMIZERS:
+            ratios[f"{o}_bf16_over_fp32_step_time"] = t[o, "bf16"] / t[o, "fp32"]
+        ratios["bf16_sam_over_fp32_adam_step_time"] = t["sam", "bf16"] / t["adam", "fp32"]
+    if hf_name in step_time:
+        ratios["flatray_over_hf_samples_per_s"] = step_time[hf_name] / t["adam", precision]  # the inverse time ratio
     return ratios
+
+
+def print_fp32_ratios(ratios, ratios_min, hf_skipped) -> None:
+    for label, key, target in (("SAM/Adam step time", "sam_over_adam_step_time", f"<= {TARGET_SAM}"),
+                               ("ASAM/Adam step time", "asam_over_adam_step_time", f"<= {TARGET_SAM}"),
+                               ("flatray Adam / HF Trainer samples/s", "flatray_over_hf_samples_per_s", f">= {TARGET_HF}")):
+        if key in ratios:
+            print(f"{label}: {ratios[key]:.2f} (target {target}; from the fastest steps: {ratios_min[key]:.2f})")
+        else:
+            print(f"{label}: n/a, HF Trainer skipped: {hf_skipped}")
+
+
+def print_bf16_ratios(median, names, ratios, ratios_min, hf_skipped) -> None:
+    """Optimizers x precisions: median ms/step, bf16/fp32 per optimizer, SAM/Adam and ASAM/Adam per precision.
+    In brackets: the same ratio from each contender's fastest step."""
+    print(f"{'median ms/step':<16}{'fp32':>10}{'bf16':>10}    bf16/fp32 (fastest)")
+    for o, label in OPTIMIZERS.items():
+        r = f"{ratios[f'{o}_bf16_over_fp32_step_time']:.2f} ({ratios_min[f'{o}_bf16_over_fp32_step_time']:.2f})"
+        print(f"{label:<16}{1000 * median[names[o, 'fp32']]:>10.1f}{1000 * median[names[o, 'bf16']]:>10.1f}    {r}")
+    for label, key in (("SAM/Adam", "sam_over_adam_step_time"), ("ASAM/Adam", "asam_over_adam_step_time")):
+        cells = "".join(f"{ratios[f'{key}_{p}']:>10.2f}" for p in ("fp32", "bf16"))
+        fastest = ", ".join(f"{ratios_min[f'{key}_{p}']:.2f}" for p in ("fp32", "bf16"))
+        print(f"{label:<16}{cells}    target <= {TARGET_SAM} (fastest: {fastest})")
+    print()
+    key = "bf16_sam_over_fp32_adam_step_time"
+    print(f"bf16 SAM / fp32 Adam step time: {ratios[key]:.2f} (from the fastest steps: {ratios_min[key]:.2f})")
+    key = "flatray_over_hf_samples_per_s"
+    if key in ratios:
+        print(f"flatray Adam bf16 / HF Trainer bf16 samples/s: {ratios[key]:.2f} "
+              f"(target >= {TARGET_HF}; from the fastest steps: {ratios_min[key]:.2f})")
+    else:
+        print(f"flatray Adam bf16 / HF Trainer bf16 samples/s: n/a, HF Trainer skipped: {hf_skipped}")
 
 
 def main() -> None:
     args = parse_args()
+    both = args.precision == "bf16"
+    precisions = ("fp32", "bf16") if both else ("fp32",)
+    names = {(o, p): f"flatray {label}" + (f" {p}" if both else "") for p in precisions for o, label in OPTIMIZERS.items()}
+    hf_name = "HF Trainer" + (" bf16" if both else "")
     base = start(args.threads, args.model_size)
     batch = synthetic_batch(base.config.vocab_size, args.batch, args.seq)
     total_steps = args.warmup + args.rounds * args.steps
 
-    # The HF Trainer is built first, before the DeepSpeed process group and its LOCAL_RANK/WORLD_SIZE variables
-    # exist: Accelerate decides once, from those variables, whether a run is distributed, and with LOCAL_RANK set it
-    # goes MULTI_CPU/MULTI_GPU (a DDP wrapper, and on CPU it also resets torch's thread count). Built before, it is
-    # a plain single-process Trainer, and stays one in later train() calls.
+    # The HF Trainer is built (and warmed up) first, before the DeepSpeed process group and its LOCAL_RANK/WORLD_SIZE
+    # variables exist: Accelerate decides once, from those variables, whether a run is distributed, and with
+    # LOCAL_RANK set it goes MULTI_CPU/MULTI_GPU (a DDP wrapper, and on CPU it also resets torch's thread count).
+    # Built before, it is a plain single-process Trainer, and stays one in later train() calls.
     # deepcopy = a fresh model per contender with the same initial weights; each engine/Trainer owns its copy.
-    hf_skipped = hf_unavailable()
     tmp = tempfile.TemporaryDirectory(prefix="step_cost_")
-    hf = None if hf_skipped else HFTrainer(copy.deepcopy(base), batch, args, tmp.name)
+    hf, hf_skipped = build_hf(base, batch, args, tmp.name, hf_name)
     backend = init_distributed()
-    contenders = [Flatray(o, copy.deepcopy(base), batch, args, total_steps) for o in ("adam", "sam", "asam")]
-    contenders += [hf] if hf else []
+    flatray = [Flatray(o, p, names[o, p], copy.deepcopy(base), batch, args, total_steps) for (o, p) in names]
+    contenders = flatray + ([hf] if hf else [])
     del base
 
-    for c in contenders:  # warm-up: first-call allocations, lazy optimizer state, kernel selection
+    for c in flatray:  # warm-up: first-call allocations, lazy optimizer state, kernel selection (HF's: in build_hf)
         c.run(args.warmup)
     times: dict[str, list[float]] = {c.name: [] for c in contenders}
     for r in range(args.rounds):
@@ -203,33 +285,37 @@ def main() -> None:
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {1000 * statistics.median(v[-args.steps:]):.0f} ms"
                                                            for k, v in times.items()), flush=True)
     tmp.cleanup()
+    # Untimed, after the rounds: the realised perturbation of one more step of each SAM engine.
+    perturbation = {c.precision: c.realised_perturbation() for c in flatray if c.optimizer == "sam"}
 
     median = {k: statistics.median(v) for k, v in times.items()}
-    ratios = step_ratios(median)
+    ratios = step_ratios(median, names, hf_name, args.precision)
     # The fastest step of each is what the code costs with the machine to itself: on a box shared with other jobs the
     # medians can still carry contention, and the ratios of the minimums tell whether they do.
-    ratios_min = step_ratios({k: min(v) for k, v in times.items()})
+    ratios_min = step_ratios({k: min(v) for k, v in times.items()}, names, hf_name, args.precision)
 
     device = torch.cuda.get_device_name(0) if CUDA else f"CPU ({platform.processor() or platform.machine()})"
     versions = {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__}
+    width = max(15, max(len(k) for k in times) + 2)
     print()
     print(f"device: {device}, {torch.get_num_threads()} torch threads, backend {backend}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"model: bert-{args.model_size}, batch {args.batch}, seq {args.seq}, {args.precision}, ZeRO {args.zero_stage}; "
+    print(f"model: bert-{args.model_size}, batch {args.batch}, seq {args.seq}, "
+          f"{'fp32 and bf16 (HF Trainer: bf16)' if both else 'fp32'}, ZeRO {args.zero_stage}; "
           f"{args.rounds} rounds x {args.steps} timed steps after {args.warmup} warm-up")
     print()
-    print(f"{'contender':<15}{'median ms/step':>16}{'min-max ms':>18}{'samples/s':>12}")
+    print(f"{'contender':<{width}}{'median ms/step':>16}{'min-max ms':>18}{'samples/s':>12}")
     for k, v in times.items():
         spread = f"{1000 * min(v):.0f}-{1000 * max(v):.0f}"
-        print(f"{k:<15}{1000 * median[k]:>16.1f}{spread:>18}{args.batch / median[k]:>12.2f}")
+        print(f"{k:<{width}}{1000 * median[k]:>16.1f}{spread:>18}{args.batch / median[k]:>12.2f}")
     print()
-    for label, key, target in (("SAM/Adam step time", "sam_over_adam_step_time", f"<= {TARGET_SAM}"),
-                               ("ASAM/Adam step time", "asam_over_adam_step_time", f"<= {TARGET_SAM}"),
-                               ("flatray Adam / HF Trainer samples/s", "flatray_over_hf_samples_per_s", f">= {TARGET_HF}")):
-        if key in ratios:
-            print(f"{label}: {ratios[key]:.2f} (target {target}; from the fastest steps: {ratios_min[key]:.2f})")
-        else:
-            print(f"{label}: n/a, HF Trainer skipped: {hf_skipped}")
+    if both:
+        print_bf16_ratios(median, names, ratios, ratios_min, hf_skipped)
+    else:
+        print_fp32_ratios(ratios, ratios_min, hf_skipped)
+    rho = next(c.cfg.optimizer.rho for c in flatray if c.optimizer == "sam")
+    print(f"realised SAM perturbation ||w'-w|| / rho (rho {rho}, one untimed step after the rounds): "
+          + ", ".join(f"{p} {v:.3f}" for p, v in perturbation.items()) + " (target 1.00)")
 
     if args.json:
         report = {
@@ -239,6 +325,7 @@ def main() -> None:
             "contenders": {k: {"median_ms": 1000 * median[k], "samples_per_s": args.batch / median[k],
                                "step_ms": [1000 * t for t in v]} for k, v in times.items()},
             "ratios": ratios, "ratios_from_min": ratios_min, "targets": {"sam_over_adam_step_time_max": TARGET_SAM, "flatray_over_hf_samples_per_s_min": TARGET_HF},
+            "sam_perturbation_over_rho": perturbation,
             "hf_skipped": hf_skipped,
         }
         with open(args.json, "w") as f:
