@@ -165,7 +165,7 @@ def train_step(engine, batch: dict, cfg: RunConfig, loss_fn=model_loss, sam: boo
         grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, params, allow_unused=True)
     if o.sam_scope == "global":
         grads = all_reduce_mean(grads)
-    if scaler is not None and not all(bool(torch.isfinite(g).all()) for g in grads if g is not None):
+    if scaler is not None and not torch.isfinite(torch.stack(torch._foreach_norm([g for g in grads if g is not None]))).all():
         grads = [None] * len(params)  # fp16 overflow: no ascent step; the engine's scaler skips this step
     saved = backup_buffers(engine, params)
     with torch.no_grad():
