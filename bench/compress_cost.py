@@ -39,11 +39,11 @@ import transformers  # noqa: E402
 
 from flatray.config import RunConfig  # noqa: E402
 from flatray.data import TASKS  # noqa: E402
-from flatray.engine import build_engine, train_step  # noqa: E402
+from flatray.train.engine import build_engine, train_step  # noqa: E402
 from flatray.models import load_model  # noqa: E402
-from flatray.prune import MaskedModel, magnitude_masks, prunable_weights, sparsity  # noqa: E402
-from flatray.quantize import cpu_latency, quantize_dynamic_int8, serialized_bytes  # noqa: E402
-from flatray.sharpness import EPS_VALUES, eval_subset_loss, sharpness  # noqa: E402
+from flatray.methods.imp import MaskedModel, magnitude_masks, prunable_weights, sparsity  # noqa: E402
+from flatray.methods.ptq import cpu_latency, quantize_dynamic_int8, serialized_bytes  # noqa: E402
+from flatray.methods.sharpness import EPS_VALUES, eval_subset_loss, sharpness  # noqa: E402
 
 TARGET_MASKED = 1.05
 TARGET_SPEEDUP = 1.5

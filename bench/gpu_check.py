@@ -10,7 +10,7 @@ Checks, each isolated (a failure prints FAIL with its reason and the others stil
   prune.setup to a fresh model with a QA head, bf16, ZeRO 0): pruned weights exactly zero after SAM and Adam steps;
 - a CoFi pruning step (cofi.distill_step, bf16) against fp32; a SQuAT step (squat.squat_step on an LSQ model, bf16)
   with the frozen group bit-identical in each phase, then lsq.export / lsq.load_exported giving the same logits;
-- sharpness (flatray.sharpness.sharpness on one eval batch): finite, >= 0, weights bit-identical afterwards;
+- sharpness (flatray.methods.sharpness.sharpness on one eval batch): finite, >= 0, weights bit-identical afterwards;
   SKIP when scipy is not installed;
 - bert-base bf16 step throughput (samples/s) and MFU of flatray Adam, flatray SAM and the HF Trainer.
 
@@ -71,22 +71,22 @@ def parse_args() -> argparse.Namespace:
 
 
 ARGS = parse_args()
-# DeepSpeed picks its accelerator when it is first imported (flatray.engine imports it): say which, before that.
+# DeepSpeed picks its accelerator when it is first imported (flatray.train.engine imports it): say which, before that.
 os.environ["DS_ACCELERATOR"] = ARGS.device
 DEVICE = torch.device("cuda", 0) if ARGS.device == "cuda" else torch.device("cpu")
 CUDA = DEVICE.type == "cuda"
 torch.set_float32_matmul_precision("highest")  # the fp32 references must be fp32, not TF32 (torch's default too)
 
 # The flatray modules the GPU machine installs from the wheel folder (bench/README.md); none of them imports ray or
-# datasets (checked below). flatray.sharpness needs scipy and is imported by its check.
+# datasets (checked below). flatray.methods.sharpness needs scipy and is imported by its check.
 import flatray.config  # noqa: E402, F401
-import flatray.cofi as cofi  # noqa: E402
-import flatray.engine  # noqa: E402, F401
-import flatray.lsq as lsq  # noqa: E402
-import flatray.optim  # noqa: E402, F401
-import flatray.prune as prune  # noqa: E402
-import flatray.squat as squat_lib  # noqa: E402
-import flatray.tasks  # noqa: E402, F401
+import flatray.methods.cofi as cofi  # noqa: E402
+import flatray.train.engine  # noqa: E402, F401
+import flatray.methods.lsq as lsq  # noqa: E402
+import flatray.methods.sam  # noqa: E402, F401
+import flatray.methods.imp as prune  # noqa: E402
+import flatray.methods.squat as squat_lib  # noqa: E402
+import flatray.data.tasks  # noqa: E402, F401
 
 IMPORTED = {name: name in sys.modules for name in ("ray", "datasets")}
 
@@ -96,8 +96,8 @@ import transformers  # noqa: E402
 from transformers import BertConfig, BertForQuestionAnswering, BertForSequenceClassification  # noqa: E402
 
 from flatray.config import PruneConfig, RunConfig  # noqa: E402
-from flatray.engine import build_engine, grad_scaler, model_loss, train_step  # noqa: E402
-from flatray.optim import scale_tensor  # noqa: E402
+from flatray.train.engine import build_engine, grad_scaler, model_loss, train_step  # noqa: E402
+from flatray.methods.sam import scale_tensor  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------- results
@@ -241,7 +241,7 @@ def relative_gap(a: dict, b: dict, start: dict) -> float:
 
 
 def step_applied(engine, run) -> bool:
-    """Run one optimizer step; False when fp16 loss scaling skipped it (the scale fell, as flatray.engine reads it)."""
+    """Run one optimizer step; False when fp16 loss scaling skipped it (the scale fell, as flatray.train.engine reads it)."""
     scaler = grad_scaler(engine)
     before = scaler.get_scale() if scaler is not None else None
     run()
@@ -295,8 +295,8 @@ def train_run(opt: str, precision: str, stage: int, batches: list, want_applied:
 def check_imports(c: Checker) -> None:
     """The modules the GPU machine runs import no ray (its wheel alone exceeds the folder) and no datasets."""
     c.figure(f"ray imported: {IMPORTED['ray']}; datasets imported: {IMPORTED['datasets']}", **IMPORTED)
-    c.expect(not IMPORTED["ray"], "flatray.engine/prune/lsq/squat/cofi/config imported ray")
-    c.expect(not IMPORTED["datasets"], "flatray.engine/prune/lsq/squat/cofi/config imported datasets")
+    c.expect(not IMPORTED["ray"], "flatray.train.engine/prune/lsq/squat/cofi/config imported ray")
+    c.expect(not IMPORTED["datasets"], "flatray.train.engine/prune/lsq/squat/cofi/config imported datasets")
 
 
 def check_sam(c: Checker, opt: str, precision: str, stage: int) -> None:
@@ -441,10 +441,10 @@ def check_squat(c: Checker) -> None:
 
 def check_sharpness(c: Checker) -> None:
     try:
-        from flatray.sharpness import eval_subset_loss, sharpness
+        from flatray.methods.sharpness import eval_subset_loss, sharpness
     except ImportError as e:
         if getattr(e, "name", "") and e.name.split(".")[0] == "scipy":
-            raise Skip("scipy is not installed (flatray.sharpness needs it)") from e
+            raise Skip("scipy is not installed (flatray.methods.sharpness needs it)") from e
         raise
     model = make_model().to(DEVICE).train()
     batch = make_batches(1, model.config.vocab_size, seed=5)

@@ -10,7 +10,7 @@ step time of each over all timed steps gives the ratios:
     flatray / HF Trainer sam/s target >= 1.0
 
 With `--precision bf16` the three flatray contenders run in fp32 *and* in bf16 (fp32 weights, compute under
-torch.autocast: flatray.engine), all six side by side in the same round-robin, and the HF Trainer runs with bf16=True
+torch.autocast: flatray.train.engine), all six side by side in the same round-robin, and the HF Trainer runs with bf16=True
 (the same autocast-over-fp32-weights scheme). It adds SAM/Adam per precision, bf16/fp32 per optimizer, and bf16 SAM
 against fp32 Adam. After the timing, one extra step of each SAM engine measures the realised perturbation
 ||w' - w|| / rho (1.00 when w + e is exact, as it is with fp32 weights).
@@ -44,7 +44,7 @@ import torch.distributed as dist  # noqa: E402
 import transformers  # noqa: E402
 
 from flatray.config import RunConfig  # noqa: E402
-from flatray.engine import build_engine, train_step  # noqa: E402
+from flatray.train.engine import build_engine, train_step  # noqa: E402
 
 TARGET_SAM = 2.1
 TARGET_HF = 1.0

@@ -46,7 +46,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from flatray import storage, sweepfile
+from flatray import storage
+from flatray.config import sweep as sweepfile
 from flatray import sweep as sweep_lib
 from flatray import train
 

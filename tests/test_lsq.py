@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from flatray import lsq, models
+from flatray import models
+from flatray.methods import lsq
 from flatray.data import TASKS
 
 torch.set_num_threads(1)

@@ -3,7 +3,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from flatray import metrics as M
+from flatray.data import metrics as M
 
 
 @pytest.fixture

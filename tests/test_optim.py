@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from flatray.optim import SAM, perturbation
+from flatray.methods.sam import SAM, perturbation
 
 
 def make_model(seed=0):
@@ -150,7 +150,7 @@ def test_bad_arguments():
 
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_in_place_perturbation_equals_the_formula(adaptive):
-    from flatray.optim import perturb_
+    from flatray.methods.sam import perturb_
 
     model = make_model()
     x, y = batch()

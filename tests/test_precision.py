@@ -1,5 +1,5 @@
 """Training where users train: models from `from_pretrained` with dropout on, and bf16/fp16 (torch.autocast over
-fp32 weights, flatray.engine) checked against fp32 on this CPU, in real DeepSpeed engines (ZeRO 0 and 2, gloo).
+fp32 weights, flatray.train.engine) checked against fp32 on this CPU, in real DeepSpeed engines (ZeRO 0 and 2, gloo).
 
 Everything that needs a DeepSpeed world runs in one spawned process (`worker`), which writes what it measured;
 the tests read it. Tolerances are stated where they are used.
@@ -62,7 +62,7 @@ def realised_perturbation(engine, params):
 
 def modes_in_training_step(out):
     """The module's mode inside Adam and SAM steps, for both offline models loaded by models.load_model."""
-    from flatray.engine import build_engine, train_step
+    from flatray.train.engine import build_engine, train_step
 
     for name in ("tiny-bert", "minilm-offline"):
         model = load(name)
@@ -81,7 +81,7 @@ def modes_in_training_step(out):
 def perturbation_norms(out):
     """The realised ||w' - w|| of a SAM step in bf16 on the pretrained MiniLM (|e_i| ~ 1e-5, |w| ~ 0.04), and in
     fp16 with a loss small enough that its unscaled gradient underflows."""
-    from flatray.engine import build_engine, train_step
+    from flatray.train.engine import build_engine, train_step
 
     for precision, scale in (("bf16", 1.0), ("fp16", 1e-6), ("fp32", 1e-6)):
         model = load("minilm-offline")
@@ -98,7 +98,7 @@ def perturbation_norms(out):
 
 def direction_of_e(out):
     """e itself (w' - w at the second pass), fp16 vs fp32, on the tiny BERT with a loss scaled down by 1e-6."""
-    from flatray.engine import build_engine, train_step
+    from flatray.train.engine import build_engine, train_step
 
     for precision in ("fp32", "fp16"):
         model = load()
@@ -122,8 +122,8 @@ def direction_of_e(out):
 def against_fp32(out):
     """The same steps in bf16 and fp32 (same weights, batches, dropout seeds): SAM, ASAM, Adam, and an IMP level
     (masked SAM at 50%), at ZeRO 0 and 2."""
-    from flatray import prune
-    from flatray.engine import build_engine, train_step
+    from flatray.methods import imp as prune
+    from flatray.train.engine import build_engine, train_step
 
     for stage in (0, 2):
         for case in ("adam", "sam", "asam", "imp"):
@@ -144,9 +144,9 @@ def against_fp32(out):
 
 def squat_against_fp32(out, tmp):
     """SQuAT (4-bit LSQ, SAM on the latent weights, alternating) in bf16 vs fp32, and the bf16 run's export."""
-    from flatray import lsq
-    from flatray import squat as squat_lib
-    from flatray.engine import model_loss
+    from flatray.methods import lsq
+    from flatray.methods import squat as squat_lib
+    from flatray.train.engine import model_loss
 
     for precision in ("fp32", "bf16"):
         cfg = run_config("sam", precision, kind="squat", squat={"weight_bits": 4, "task_loss": 1.0, "kd_logits": 0.0})
@@ -171,8 +171,8 @@ def squat_against_fp32(out, tmp):
 
 
 def cofi_setup(cfg):
-    from flatray import cofi
-    from flatray.engine import build_engine
+    from flatray.methods import cofi
+    from flatray.train.engine import build_engine
 
     teacher = load().eval().requires_grad_(False)
     student = load()
@@ -186,7 +186,7 @@ def cofi_setup(cfg):
 
 def cofi_against_fp32(out):
     """CoFi's pruning phase (distillation + Lagrangian) in bf16 vs fp32: the masks' parameters after 3 steps."""
-    from flatray import cofi
+    from flatray.methods import cofi
 
     for precision in ("fp32", "bf16"):
         cfg = run_config("adam", precision, kind="structured", structured={"target_sparsity": 0.5, "lr_masks": 0.1})
@@ -214,9 +214,10 @@ def overflow(loss_fn, at):
 
 def fp16_overflow_skips(out):
     """fp16 steps skipped for overflow: SQuAT's phase follows the steps taken; CoFi's masks skip them too."""
-    from flatray import cofi, lsq
-    from flatray import squat as squat_lib
-    from flatray.engine import model_loss
+    from flatray.methods import cofi
+    from flatray.methods import lsq
+    from flatray.methods import squat as squat_lib
+    from flatray.train.engine import model_loss
 
     for stage in (0,):  # fp16 is ZeRO 0 only (flatray.config says why)
         cfg = run_config("sam", "fp16", stage, kind="squat", squat={"weight_bits": 4, "task_loss": 1.0, "kd_logits": 0.0})

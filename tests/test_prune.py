@@ -7,9 +7,10 @@ import torch
 import torch.nn.utils.prune as torch_prune
 from transformers import BertConfig, BertForSequenceClassification
 
-from flatray import config, models, prune
+from flatray import config, models
+from flatray.methods import imp as prune
 from flatray.data import TASKS
-from flatray.optim import SAM
+from flatray.methods.sam import SAM
 
 
 def tiny(seed=0):

@@ -2,7 +2,8 @@
 
 import torch
 
-from flatray import models, quantize
+from flatray import models
+from flatray.methods import ptq as quantize
 from flatray.data import TASKS
 
 

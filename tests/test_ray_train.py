@@ -93,7 +93,7 @@ def write_squad_files(folder):
 
 def test_imp_level_from_the_parent_checkpoint(dense_run):
     """One IMP level on Ray Train: prune the parent's trained weights to 20%, rewind, train with the mask."""
-    from flatray import prune
+    from flatray.methods import imp as prune
 
     tmp_path, _, parent = dense_run
     (parent_ckpt, _), = parent.best_checkpoints
@@ -112,7 +112,7 @@ def test_imp_level_from_the_parent_checkpoint(dense_run):
 
 
 def test_ptq_and_sharpness_of_a_finished_run(dense_run):
-    from flatray import quantize
+    from flatray.methods import ptq as quantize
 
     tmp_path, _, parent = dense_run
     (parent_ckpt, parent_metrics), = parent.best_checkpoints
@@ -134,7 +134,7 @@ def test_ptq_and_sharpness_of_a_finished_run(dense_run):
 
 def test_structured_pruning_with_distillation_from_the_teacher(dense_run):
     """CoFi on Ray Train: the fine-tuned run is the teacher; the saved student is physically smaller."""
-    from flatray import cofi
+    from flatray.methods import cofi
 
     tmp_path, _, teacher_run = dense_run
     (teacher_ckpt, _), = teacher_run.best_checkpoints
@@ -159,7 +159,7 @@ def test_structured_pruning_with_distillation_from_the_teacher(dense_run):
 def test_squat_from_the_full_precision_teacher(dense_run):
     """SQuAT at 4 bits on Ray Train (2 workers, ZeRO 2), distilled from the fine-tuned run; the exported file
     reloads into a model that gives the reported dev metric."""
-    from flatray import lsq
+    from flatray.methods import lsq
 
     tmp_path, _, teacher_run = dense_run
     (teacher_ckpt, _), = teacher_run.best_checkpoints

@@ -14,7 +14,7 @@ import pytest
 
 from flatray import report as rep
 from flatray.config import RunConfig
-from flatray.sweepfile import RUN_KIND
+from flatray.config.sweep import RUN_KIND
 
 SWEEP = "synth"
 TASKS = ("rte", "mrpc", "cola")

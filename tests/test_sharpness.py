@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from flatray.sharpness import HashProjection, SharpnessResult, eval_subset_loss, sharpness, sharpness_many
+from flatray.methods.sharpness import HashProjection, SharpnessResult, eval_subset_loss, sharpness, sharpness_many
 
 N = 40
 CONST = 1.0
@@ -173,7 +173,8 @@ def test_tiny_bert_sharpness_many(tiny_bert):
 def test_lsq_model_sharpness_is_over_the_weights_not_the_step_sizes():
     """A quantized model's phi perturbs its latent weights (the quantizer re-applied to w + A z), never the LSQ
     step sizes: the default equals phi with the step sizes left out by hand, and differs from phi with them in."""
-    from flatray import lsq, models
+    from flatray import models
+    from flatray.methods import lsq
     from flatray.data import TASKS
 
     torch.manual_seed(0)

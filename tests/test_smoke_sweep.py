@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from flatray import sweep, sweepfile
+from flatray import sweep
+from flatray.config import sweep as sweepfile
 from flatray.tracking import read_offline_runs
 
 

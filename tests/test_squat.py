@@ -36,7 +36,8 @@ def batches(vocab):
 def quantized_model(cfg=None, dropout=True):
     """The tiny BERT at 4 bits. Dropout stays on (0.1) except where a whole-batch run is compared with two workers,
     whose masks one process cannot draw."""
-    from flatray import lsq, models
+    from flatray import models
+    from flatray.methods import lsq
 
     torch.manual_seed(0)
     off = {} if dropout else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
@@ -48,7 +49,7 @@ def quantized_model(cfg=None, dropout=True):
 
 
 def snapshot(model):
-    from flatray import lsq
+    from flatray.methods import lsq
 
     return ([p.detach().clone() for p in lsq.latent_params(model)],
             [p.detach().clone() for p in lsq.step_size_params(model)])
@@ -61,8 +62,9 @@ def worker(rank, world, port, out_dir, cases):
     import deepspeed
     import torch.distributed as dist
 
-    from flatray import lsq, squat
-    from flatray.engine import model_loss
+    from flatray.methods import lsq
+    from flatray.methods import squat
+    from flatray.train.engine import model_loss
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     deepspeed.init_distributed(dist_backend="gloo")
@@ -145,7 +147,8 @@ def test_world_size_two_matches_single_process(results, stage):
 def test_four_bit_model_learns_the_builtin_task_from_scratch():
     """LSQ at 4-bit weights and 8-bit activations, trained from the tiny BERT's random "pre-trained" weights (no
     teacher), learns the toy task far above chance (0.5)."""
-    from flatray import lsq, models
+    from flatray import models
+    from flatray.methods import lsq
     from flatray.data import collator, compute_metrics, load_raw, tokenize
 
     torch.manual_seed(0)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from flatray import storage, sweep, sweepfile
+from flatray import storage, sweep
+from flatray.config import sweep as sweepfile
 
 
 @pytest.fixture(scope="module")

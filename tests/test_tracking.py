@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flatray import tracking
-from flatray.sweepfile import WandbSettings
+from flatray.config.sweep import WandbSettings
 
 SWEEP = "tsweep"
 

@@ -7,7 +7,7 @@ ASAM (Kwon et al. 2021) makes the ball adaptive to the weight scale, with T = |w
     e = rho * T^2 g / (||T g||_2 + 1e-12)
 
 `perturbation` is the one formula; `SAM` is the torch optimizer built on it, and the DeepSpeed path in
-`flatray.engine` uses the same function on the engine's module.
+`flatray.train.engine` uses the same function on the engine's module.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from urllib.parse import urlparse
 from ray.tune import Callback
 
 from flatray import storage
-from flatray.sweepfile import WandbSettings
+from flatray.config.sweep import WandbSettings
 
 log = logging.getLogger(__name__)
 

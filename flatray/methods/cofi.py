@@ -172,7 +172,7 @@ def distill_step(engine, masks: CoFiMasks, mask_opt, teacher, batch: dict, cfg, 
     The masks live outside the engine, so their gradients are averaged over the workers here; with fp16 they are
     unscaled by the engine's loss scale, and a step the engine skips for overflow is skipped by `mask_opt` too.
     """
-    from flatray.engine import all_reduce_mean, autocast, grad_scaler, optimizer_step
+    from flatray.train.engine import all_reduce_mean, autocast, grad_scaler, optimizer_step
 
     sc = cfg.structured
     hidden = bool(sc.alpha_layer)  # hidden states only when the layer distillation uses them

@@ -105,7 +105,7 @@ def eval_subset_loss(model: torch.nn.Module, batches: list[dict]) -> torch.Tenso
 
 def weight_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """What phi perturbs by default: the trainable parameters that are weights, not LSQ step sizes."""
-    from flatray.lsq import latent_params
+    from flatray.methods.lsq import latent_params
 
     return latent_params(model)
 

@@ -938,7 +938,7 @@ def _write_readme(out: Path, root: Path, sweep: str, df: pd.DataFrame, sections:
 
 def report(root: str | Path, wandb_settings: Any = None) -> Path:
     """Write the figures and tables of the sweep folder `root` to `<root>/report/` and return that folder.
-    `wandb_settings`: the sweep file's `wandb` section (a dict or flatray.sweepfile.WandbSettings) to log them to
+    `wandb_settings`: the sweep file's `wandb` section (a dict or flatray.config.sweep.WandbSettings) to log them to
     W&B too; None or mode disabled: no W&B."""
     root = Path(root)
     out = root / "report"
@@ -1001,7 +1001,7 @@ def wandb_mode(settings: Any) -> str | None:
     if not os.environ.get("WANDB_API_KEY"):
         return "offline"
     try:  # auto with a key: online only when W&B is reachable, as the sweep's own runs decide
-        from flatray.sweepfile import WandbSettings
+        from flatray.config.sweep import WandbSettings
         from flatray.tracking import wandb_mode as sweep_mode
 
         return sweep_mode(WandbSettings(mode="auto"))

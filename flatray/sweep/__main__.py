@@ -1,0 +1,5 @@
+import sys
+
+from flatray.sweep import main
+
+sys.exit(main())

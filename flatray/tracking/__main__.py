@@ -1,0 +1,5 @@
+import sys
+
+from flatray.tracking import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from flatray.train.driver import main
+
+sys.exit(main())
