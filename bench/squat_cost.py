@@ -49,7 +49,7 @@ import transformers  # noqa: E402
 from flatray.methods import lsq, squat  # noqa: E402
 from flatray.config import RunConfig  # noqa: E402
 from flatray.train.engine import build_engine, model_loss, train_step  # noqa: E402
-from flatray.train.worker import distillation_loss  # noqa: E402
+from flatray.methods.squat import distillation_loss  # noqa: E402
 
 TARGET_SQUAT = 1.3
 WEIGHT_BITS, ACT_BITS = 4, 8
@@ -66,7 +66,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per contender before the first round; even")
     p.add_argument("--kd", action="store_true",
-                   help="SQuAT and LSQ-QAT with a teacher forward + logit KD per step, as flatray.train.worker.squat runs them")
+                   help="SQuAT and LSQ-QAT with a teacher forward + logit KD per step, as flatray.methods.squat.run runs them")
     p.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2))
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
@@ -116,7 +116,7 @@ class Contender:
         if self.quantized:
             lsq.quantize_model(model, lsq.QuantSpec(weight_bits=WEIGHT_BITS, act_bits=ACT_BITS))
             model.to(batch["input_ids"].device)
-            lsq.calibrate(model, batch)  # activation step sizes; before the engine, as flatray.train.worker.squat does
+            lsq.calibrate(model, batch)  # activation step sizes; before the engine, as flatray.methods.squat.run does
             self.latent = lsq.latent_params(model)
             self.engine = squat.build_engine(model, cfg, world_size=1, total_steps=total_steps)
         else:
@@ -128,7 +128,7 @@ class Contender:
             train_step(self.engine, self.batch, self.cfg)
             return
         loss_fn = model_loss
-        if self.teacher is not None:  # as in flatray.train.worker.squat: the teacher's forward is part of every step
+        if self.teacher is not None:  # as in flatray.methods.squat.run: the teacher's forward is part of every step
             with torch.no_grad():
                 target = self.teacher(**self.batch)
             loss_fn = partial(distillation_loss, teacher_out=target, cfg=self.cfg)
@@ -184,7 +184,7 @@ def main() -> None:
     backend = init_distributed()
 
     teacher = None
-    if args.kd:  # the full-precision model the students start from, frozen, as in flatray.train.worker.squat
+    if args.kd:  # the full-precision model the students start from, frozen, as in flatray.methods.squat.run
         teacher = copy.deepcopy(base).to(device).eval().requires_grad_(False)
     # deepcopy = a fresh model per contender with the same initial weights; each engine owns its copy.
     contenders = [

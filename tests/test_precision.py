@@ -176,7 +176,7 @@ def cofi_setup(cfg):
 
     teacher = load().eval().requires_grad_(False)
     student = load()
-    sc = cfg.structured
+    sc = cfg.cofi
     masks = cofi.CoFiMasks(student.config, cofi.CoFiConfig(ramp_steps=4, target_sparsity=sc.target_sparsity,
                                                            lr_masks=sc.lr_masks, lr_lambdas=sc.lr_lambdas))
     mask_opt = cofi.mask_optimizer(masks)

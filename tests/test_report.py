@@ -14,7 +14,10 @@ import pytest
 
 from flatray import report as rep
 from flatray.config import RunConfig
-from flatray.config.sweep import RUN_KIND
+from flatray import methods
+
+RUN_KIND = {name: m.runs_as or m.name for name, m in methods.METHODS.items()}  # experiment kind -> run-config kind
+RUN_KIND.update({alias: RUN_KIND[name] for alias, name in methods.ALIASES.items()})
 
 SWEEP = "synth"
 TASKS = ("rte", "mrpc", "cola")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from flatray import sweep
-from flatray.config import sweep as sweepfile
+from flatray.sweep import graph as sweepfile
 from flatray.tracking import read_offline_runs
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from flatray import storage, sweep
-from flatray.config import sweep as sweepfile
+from flatray.sweep import graph as sweepfile
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +229,7 @@ def test_search_draws_grid_points_times_samples_with_one_optuna_study_per_grid_p
               space: {train.seed: {grid: [0, 1]}, train.lr: {loguniform: [1.0e-5, 1.0e-3]}}
               num_samples: 3
     """))
-    search = sweep.Search.create(sweepfile.load(path), "full", None)
+    search = sweep.Points.create(sweepfile.load(path), "full", None)
     drawn = [search.draw() for _ in range(6)]
     assert search.draw() is None
     assert sorted(p["train.seed"] for p, _ in drawn) == [0, 0, 0, 1, 1, 1]

@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from flatray.config import sweep as sweepfile
+from flatray.sweep import graph as sweepfile
 from flatray.config import ConfigError
 
 HEAD = """

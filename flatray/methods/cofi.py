@@ -1,140 +1,31 @@
 """CoFi structured pruning (METHODS.md section 5; Xia et al. 2022, "Structured Pruning Learns Compact and Accurate
-Models"), written for the plain transformers-5 BERT classes.
+Models"), written for the plain transformers-5 BERT classes: kind cofi (alias: structured).
 
 A student (a copy of the fine-tuned teacher) gets hard-concrete L0 masks (Louizos et al. 2018) on five structures:
-whole attention layers, whole FFN layers, attention heads, FFN intermediate units and hidden dimensions (one mask
-shared by all layers). `attach` makes the model's forward use the masks through hooks, so the model stays a plain
-`BertFor...` (DeepSpeed and `from_pretrained` see nothing unusual). The loss is distillation from the teacher plus a
-Lagrangian that pulls the expected sparsity to a target ramping up linearly; the multipliers are trained by ascent.
-`prune` then removes what the deterministic masks zero, folding the kept mask values into the weights, and
-`save_pruned`/`load_pruned` write and read the smaller model as a Hugging Face folder. docs/cofi.md has every choice.
-
-Masked forward (z = mask values; zh = hidden mask; "LN_kept" = LayerNorm over the dims where zh != 0, as in CoFi):
-  embeddings:   e = LN_kept(emb) * zh
-  attention:    ctx_h *= z_head[h];  a = z_attn * zh * (W_o ctx + b_o);  x = LN_kept(a + x) * zh
-  FFN:          u = act(W_1 x + b_1) * z_unit;  f = z_ffn * zh * (W_2 u + b_2);  x = LN_kept(f + x) * zh
-Pruned dims of the residual stream are therefore exactly 0 and can be dropped; every nonzero z is a per-output or
-per-input scale of some Linear/LayerNorm and is folded into it.
+whole attention layers, whole FFN layers, attention heads, FFN intermediate units and hidden dimensions
+(flatray.methods.cofi_masks). The loss is distillation from the teacher plus a Lagrangian that pulls the expected
+sparsity to a target ramping up linearly; the multipliers are trained by ascent. Then `prune` removes what the
+deterministic masks zero and the smaller model is fine-tuned. Both phases run in DeepSpeed engines through the one
+epoch loop (flatray.train.loop); the masks live outside the engine (`distill_step`). docs/cofi.md has every choice.
 """
 
 from __future__ import annotations
 
-import copy
-import math
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-MASK_NAMES = ("attn_layer", "ffn_layer", "heads", "units", "hidden")
-STRUCTURE_KEY = "flatray_structure"  # the config.json entry that describes a pruned model
+from flatray.config.run import CoFiConfig
+from flatray.methods.cofi_masks import (MASK_NAMES, STRUCTURE_KEY, CoFiMasks, NoAttention, attach, count_prunable,
+                                        load_pruned, mask_optimizer, prune, save_pruned, sparsity_of)
 
+__all__ = ["MASK_NAMES", "STRUCTURE_KEY", "CoFiConfig", "CoFiMasks", "NoAttention", "attach", "count_prunable",
+           "distill_step", "kd_loss", "lagrangian", "layer_loss", "load_pruned", "mask_optimizer", "prune", "run",
+           "save_pruned", "sparsity_of", "target_at"]
 
-@dataclass
-class CoFiConfig:
-    ramp_steps: int  # steps over which the target sparsity ramps linearly from 0 to target_sparsity
-    target_sparsity: float = 0.95
-    alpha_ce: float = 1.0  # weight of the logit (KL) distillation
-    alpha_layer: float = 0.0  # weight of the layer distillation (CoFi's scripts: 0.9, with alpha_ce 0.1)
-    temperature: float = 2.0
-    droprate_init: float = 0.5  # initial P(z = 0) of every mask
-    limit_a: float = -0.1
-    limit_b: float = 1.1
-    beta: float = 2.0 / 3.0
-    lr_masks: float = 0.01  # CoFi's reg_learning_rate, used for log_alpha and the lambdas alike
-    lr_lambdas: float = 0.01
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Hard-concrete masks
-
-
-class CoFiMasks(nn.Module):
-    """The log_alpha of every mask for one BERT config, and the two Lagrange multipliers.
-
-    log_alpha shapes: attn_layer [L], ffn_layer [L], heads [L, H], units [L, I], hidden [D].
-    `forward()` returns z with the same shapes: a fresh sample in train mode, the deterministic masks in eval mode.
-    """
-
-    def __init__(self, bert_config, cfg: CoFiConfig):
-        super().__init__()
-        self.cfg = cfg
-        c = bert_config
-        self.num_layers, self.num_heads = c.num_hidden_layers, c.num_attention_heads
-        self.hidden_size, self.intermediate_size = c.hidden_size, c.intermediate_size
-        self.head_dim = c.hidden_size // c.num_attention_heads
-        shapes = dict(attn_layer=(self.num_layers,), ffn_layer=(self.num_layers,),
-                      heads=(self.num_layers, self.num_heads), units=(self.num_layers, self.intermediate_size),
-                      hidden=(self.hidden_size,))
-        # P(z = 0) = sigmoid(beta * log(-a / b) - log_alpha) = p  <=>  log_alpha = beta * log(-a / b) + log((1-p) / p)
-        # (CoFi's code puts log_alpha at log((1 - p) / p), which for p = 0.5 gives P(z = 0) = 0.17; that init is
-        # droprate_init = 0.168 here.) The 0.01 noise breaks ties for the deterministic top-k.
-        p = cfg.droprate_init
-        mean = cfg.beta * math.log(-cfg.limit_a / cfg.limit_b) + math.log((1 - p) / p)
-        self.log_alpha = nn.ParameterDict(
-            {k: nn.Parameter(torch.full(s, mean) + 0.01 * torch.randn(s)) for k, s in shapes.items()})
-        self.lambda_1 = nn.Parameter(torch.zeros(()))
-        self.lambda_2 = nn.Parameter(torch.zeros(()))
-
-    def prob_nonzero(self, name: str) -> torch.Tensor:
-        """1 - Q(0) = sigmoid(log_alpha - beta * log(-limit_a / limit_b)): the probability that z != 0."""
-        c = self.cfg
-        return torch.sigmoid(self.log_alpha[name] - c.beta * math.log(-c.limit_a / c.limit_b))
-
-    def sample(self, name: str) -> torch.Tensor:
-        c, la = self.cfg, self.log_alpha[name]
-        u = torch.rand_like(la).clamp(1e-6, 1 - 1e-6)
-        s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + la) / c.beta)
-        return (s * (c.limit_b - c.limit_a) + c.limit_a).clamp(0.0, 1.0)
-
-    def deterministic(self, name: str) -> torch.Tensor:
-        """CoFi's eval mask, per group (a group = one layer's row; the hidden mask is one group): the
-        round(sum P(z != 0)) entries with the largest log_alpha keep sigmoid(0.8 * log_alpha / beta) (CoFi's
-        value, always in (0, 1), so a kept entry is never zero); the others are 0. Rounding is half up."""
-        la = self.log_alpha[name]
-        rows, probs = la.reshape(-1, la.shape[-1]), self.prob_nonzero(name).reshape(-1, la.shape[-1])
-        value = torch.sigmoid(0.8 * rows / self.cfg.beta)
-        z = torch.zeros_like(rows)
-        for i in range(rows.shape[0]):
-            keep = int(math.floor(probs[i].sum().item() + 0.5))
-            if keep:
-                idx = rows[i].topk(keep).indices
-                z[i, idx] = value[i, idx]
-        return z.reshape(la.shape)
-
-    def forward(self) -> dict[str, torch.Tensor]:
-        pick = self.sample if self.training else self.deterministic
-        return {k: pick(k) for k in MASK_NAMES}
-
-    def expected_sparsity(self) -> torch.Tensor:
-        """s = 1 - remaining / total over the encoder's Q, K, V, O and FFN weight matrices (biases excluded), with
-
-            remaining = sum_l  P_attn[l] * (sum_h P_head[l, h]) * 4 * head_dim * (sum_d P_hidden[d])
-                             + P_ffn[l]  * (sum_i P_unit[l, i]) * 2 * (sum_d P_hidden[d])
-            total     = L * (4 * D * D + 2 * D * I)
-
-        where every P is a probability of being nonzero (1 - Q(0)); products of expectations, as CoFi does.
-        """
-        hidden = self.prob_nonzero("hidden").sum()
-        heads = self.prob_nonzero("heads").sum(-1) * self.prob_nonzero("attn_layer")
-        units = self.prob_nonzero("units").sum(-1) * self.prob_nonzero("ffn_layer")
-        remaining = (heads.sum() * 4 * self.head_dim + units.sum() * 2) * hidden
-        D, I = self.hidden_size, self.intermediate_size
-        return 1 - remaining / (self.num_layers * (4 * D * D + 2 * D * I))
-
-
-def mask_optimizer(masks: CoFiMasks) -> torch.optim.Optimizer:
-    """AdamW on log_alpha (descent) and on lambda_1, lambda_2 (ascent: torch's per-group `maximize`, so one
-    `loss.backward(); opt.step()` moves the masks down and the multipliers up the same loss). No weight decay."""
-    c = masks.cfg
-    return torch.optim.AdamW([
-        {"params": list(masks.log_alpha.values()), "lr": c.lr_masks},
-        {"params": [masks.lambda_1, masks.lambda_2], "lr": c.lr_lambdas, "maximize": True},
-    ], weight_decay=0.0)
+MASKS_FILE = "cofi_masks.safetensors"  # a pruning-phase checkpoint: log_alpha and the multipliers
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -167,14 +58,14 @@ def kd_loss(student_logits, teacher_logits, temperature: float = 2.0) -> torch.T
 def distill_step(engine, masks: CoFiMasks, mask_opt, teacher, batch: dict, cfg, target: float) -> float:
     """One step of the pruning phase: distil `teacher` into the masked student (`engine`, attached to `masks`),
     with the Lagrangian pulling the expected sparsity to `target`; the engine steps the student, `mask_opt` the
-    masks and multipliers. Returns the loss. `cfg` is the run config (its `structured` section and precision).
+    masks and multipliers. Returns the loss. `cfg` is the run config (its `cofi` section and precision).
 
     The masks live outside the engine, so their gradients are averaged over the workers here; with fp16 they are
     unscaled by the engine's loss scale, and a step the engine skips for overflow is skipped by `mask_opt` too.
     """
     from flatray.train.engine import all_reduce_mean, autocast, grad_scaler, optimizer_step
 
-    sc = cfg.structured
+    sc = cfg.cofi
     hidden = bool(sc.alpha_layer)  # hidden states only when the layer distillation uses them
     engine.module.train()  # dropout on in the student; the teacher stays in eval mode
     with torch.no_grad(), autocast(cfg, batch["input_ids"].device):
@@ -229,260 +120,88 @@ def layer_loss(student_hidden: tuple, teacher_hidden: tuple, transform: nn.Modul
 # Masked forward through hooks
 
 
-def _layernorm_kept(ln: nn.LayerNorm, x: torch.Tensor, zh: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over the kept dims (`kept` = indices where zh != 0; statistics of the kept dims only, as the
-    pruned model computes them), times zh; pruned dims are 0."""
-    if kept.numel() == 0:
-        return torch.zeros_like(x)
-    out = F.layer_norm(x.index_select(-1, kept), (kept.numel(),), ln.weight[kept], ln.bias[kept], ln.eps)
-    return x.new_zeros(x.shape).index_copy(-1, kept, out) * zh.to(x.dtype)
-
-
-def attach(model, masks: CoFiMasks) -> Callable[[], None]:
-    """Make `model`'s forward use the masks (see the module docstring). z is drawn once per forward of `model` by a
-    pre-forward hook, so every sublayer sees the same sample; `masks.training` picks sampled or deterministic z.
-    Returns a function that removes every hook."""
-    bert = model.bert
-    state: dict[str, dict] = {}
-    handles = []
-
-    def draw(_module, _args):
-        state["z"] = masks()
-        state["kept"] = state["z"]["hidden"].detach().nonzero().squeeze(-1)  # one device sync per forward
-
-    def ln_hook(module, args, _output):
-        return _layernorm_kept(module, args[0], state["z"]["hidden"], state["kept"])
-
-    def heads_hook(layer):
-        def hook(module, _args, output):
-            ctx, *rest = output
-            scale = state["z"]["heads"][layer].repeat_interleave(module.attention_head_size)
-            return (ctx * scale.to(ctx.dtype), *rest)
-        return hook
-
-    def scale_hook(layer, which):  # output dense of a block: the whole-layer z and the hidden mask
-        def hook(_module, _args, output):
-            z = state["z"]
-            return output * (z[which][layer] * z["hidden"]).to(output.dtype)
-        return hook
-
-    def units_hook(layer):
-        def hook(_module, _args, output):
-            return output * state["z"]["units"][layer].to(output.dtype)
-        return hook
-
-    handles.append(model.register_forward_pre_hook(draw))
-    handles.append(bert.embeddings.LayerNorm.register_forward_hook(ln_hook))
-    for i, layer in enumerate(bert.encoder.layer):
-        handles += [
-            layer.attention.self.register_forward_hook(heads_hook(i)),
-            layer.attention.output.dense.register_forward_hook(scale_hook(i, "attn_layer")),
-            layer.attention.output.LayerNorm.register_forward_hook(ln_hook),
-            layer.intermediate.register_forward_hook(units_hook(i)),
-            layer.output.dense.register_forward_hook(scale_hook(i, "ffn_layer")),
-            layer.output.LayerNorm.register_forward_hook(ln_hook),
-        ]
-
-    def detach():
-        for h in handles:
-            h.remove()
-        state.clear()
-
-    return detach
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Physical pruning, saving and loading
+# The run
 
 
-class NoAttention(nn.Module):
-    """Stands in for BertSelfAttention when a layer keeps no head (BertSelfAttention cannot reshape an empty
-    projection with view(..., -1, head_size)): the context has 0 features, so BertSelfOutput computes
-    LayerNorm(bias + x) with its Linear(0, hidden)."""
+def run(ctx) -> None:
+    """Distil the teacher (model: a checkpoint) into a masked student for prune_epochs (phase 1, a checkpoint every
+    epoch: its masks), remove what the masks prune, fine-tune the smaller model for finetune_epochs (phase 2, a
+    checkpoint when the score improves). A retried run continues in the phase and after the epoch it stopped."""
+    from safetensors.torch import load_file, save_file
 
-    num_attention_heads = 0
+    from flatray import models
+    from flatray.train import checkpoint, loop
+    from flatray.train.context import seed_everything
+    from flatray.train.engine import build_engine, train_step
 
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states.new_zeros(*hidden_states.shape[:-1], 0), None
+    cfg, sc = ctx.cfg, ctx.cfg.cofi
+    loader = ctx.train_loader()
+    seed_everything(cfg.train.seed)
+    teacher = models.load_model(cfg.model, ctx.spec).to(ctx.device).eval().requires_grad_(False)
+    student = models.load_model(cfg.model, ctx.spec)
+    ramp = sc.ramp_steps or max(1, int(sc.ramp_fraction * sc.prune_epochs * len(loader)))
+    masks = CoFiMasks(student.config, sc)
+    pruned = {}
 
-
-def _task_heads(model):
-    """The task head(s) reading the encoder's hidden states: pooler (sequence classification) or qa_outputs."""
-    if getattr(model, "qa_outputs", None) is not None:
-        return ["qa_outputs"]
-    if model.bert.pooler is not None:
-        return ["bert.pooler.dense"]
-    raise NotImplementedError("cofi supports BertForSequenceClassification (with pooler) and BertForQuestionAnswering")
-
-
-def _structure(masks: CoFiMasks) -> tuple[dict, dict]:
-    """Deterministic z and the kept indices per structure."""
-    was = masks.training
-    masks.eval()
-    with torch.no_grad():
-        z = {k: v.detach().float() for k, v in masks().items()}
-    masks.train(was)
-    L, hd = masks.num_layers, masks.head_dim
-    heads, units = [], []
-    for i in range(L):
-        heads.append(z["heads"][i].nonzero().squeeze(-1).tolist() if z["attn_layer"][i] != 0 else [])
-        units.append(int((z["units"][i] != 0).sum()) if z["ffn_layer"][i] != 0 else 0)
-    structure = {
-        "hidden_size": int((z["hidden"] != 0).sum()),
-        "heads": heads,  # kept head indices (original numbering) per layer
-        "intermediate_sizes": units,
-        "attention_removed": [i for i in range(L) if not heads[i]],
-        "ffn_removed": [i for i in range(L) if units[i] == 0],
-        "head_dim": hd,
-    }
-    return z, structure
-
-
-def _folded_state(model, masks: CoFiMasks) -> tuple[dict, dict]:
-    """The pruned model's state dict: rows/columns of the zeroed structures dropped, kept z folded in."""
-    z, structure = _structure(masks)
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    hd = masks.head_dim
-    zh = z["hidden"]
-    hk = zh.nonzero().squeeze(-1)
-    zk = zh[hk]
-    out = dict(sd)
-
-    def cols(key):  # drop pruned hidden dims on the input side
-        out[key] = sd[key][:, hk]
-
-    def ln(prefix):  # LN over kept dims, then * zh: fold zh into the affine
-        out[prefix + ".weight"] = sd[prefix + ".weight"][hk] * zk
-        out[prefix + ".bias"] = sd[prefix + ".bias"][hk] * zk
-
-    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
-        cols(f"bert.embeddings.{name}.weight")
-    ln("bert.embeddings.LayerNorm")
-    for i in range(masks.num_layers):
-        p = f"bert.encoder.layer.{i}."
-        kept = structure["heads"][i]
-        rows = torch.tensor([h * hd + j for h in kept for j in range(hd)], dtype=torch.long)
-        for proj in ("query", "key", "value"):
-            w, b = p + f"attention.self.{proj}.weight", p + f"attention.self.{proj}.bias"
-            if kept:
-                out[w], out[b] = sd[w][rows][:, hk], sd[b][rows]
-            else:  # NoAttention has no parameters
-                del out[w], out[b]
-        head_scale = z["heads"][i].repeat_interleave(hd)[rows]
-        out_scale = z["attn_layer"][i] * zk
-        w = sd[p + "attention.output.dense.weight"][hk][:, rows]
-        out[p + "attention.output.dense.weight"] = w * out_scale[:, None] * head_scale[None, :]
-        out[p + "attention.output.dense.bias"] = sd[p + "attention.output.dense.bias"][hk] * out_scale
-        ln(p + "attention.output.LayerNorm")
-
-        units = z["units"][i].nonzero().squeeze(-1)
-        if not structure["intermediate_sizes"][i]:  # the whole FFN is off
-            units = units[:0]
-        out[p + "intermediate.dense.weight"] = sd[p + "intermediate.dense.weight"][units][:, hk]
-        out[p + "intermediate.dense.bias"] = sd[p + "intermediate.dense.bias"][units]
-        out_scale = z["ffn_layer"][i] * zk
-        w = sd[p + "output.dense.weight"][hk][:, units]
-        out[p + "output.dense.weight"] = w * out_scale[:, None] * z["units"][i][units][None, :]
-        out[p + "output.dense.bias"] = sd[p + "output.dense.bias"][hk] * out_scale
-        ln(p + "output.LayerNorm")
-    for head in _task_heads(model):
-        cols(head + ".weight")
-    return {k: v.to(sd[k].dtype).contiguous() for k, v in out.items()}, structure  # z is fp32
-
-
-def _meta_linear(n_in: int, n_out: int) -> nn.Linear:
-    return nn.Linear(n_in, n_out, device="meta")
-
-
-def _resize(model, structure: dict) -> None:
-    """Replace the modules of a full-size plain BERT with empty (meta) ones of the pruned shapes, in place; the
-    state dict is then loaded with assign=True. BertSelfAttention reads num_attention_heads / all_head_size only
-    to build its Linears and reshapes with view(..., -1, attention_head_size), so fewer heads need only these
-    attributes and smaller query/key/value."""
-    bert, c = model.bert, model.config
-    D, hd = structure["hidden_size"], structure["head_dim"]
-    emb = bert.embeddings
-    emb.word_embeddings = nn.Embedding(c.vocab_size, D, padding_idx=c.pad_token_id, device="meta")
-    emb.position_embeddings = nn.Embedding(c.max_position_embeddings, D, device="meta")
-    emb.token_type_embeddings = nn.Embedding(c.type_vocab_size, D, device="meta")
-    emb.LayerNorm = nn.LayerNorm(D, eps=c.layer_norm_eps, device="meta")
-    for i, layer in enumerate(bert.encoder.layer):
-        n = len(structure["heads"][i])
-        if n == 0:
-            layer.attention.self = NoAttention()
+    def load(folder: Path, history: list[dict]) -> None:
+        if history[-1].get("phase") == 2:  # past the pruning: the smaller model is the checkpoint
+            pruned["model"] = load_pruned(folder)
         else:
-            sa = layer.attention.self
-            sa.num_attention_heads, sa.all_head_size = n, n * hd
-            sa.query, sa.key, sa.value = (_meta_linear(D, n * hd) for _ in range(3))
-        layer.attention.output.dense = _meta_linear(n * hd, D)
-        layer.attention.output.LayerNorm = nn.LayerNorm(D, eps=c.layer_norm_eps, device="meta")
-        m = structure["intermediate_sizes"][i]
-        layer.intermediate.dense = _meta_linear(D, m)
-        layer.output.dense = _meta_linear(m, D)
-        layer.output.LayerNorm = nn.LayerNorm(D, eps=c.layer_norm_eps, device="meta")
-    for head in _task_heads(model):
-        parent, _, name = head.rpartition(".")
-        mod = model.get_submodule(parent) if parent else model
-        setattr(mod, name, _meta_linear(D, getattr(mod, name).out_features))
+            checkpoint.load_state(student, folder / "model.safetensors")
+            masks.load_state_dict(load_file(str(folder / MASKS_FILE)))
 
+    history = checkpoint.restore(load)
+    totals = {"teacher_params": sum(p.numel() for p in teacher.parameters())}
+    prunable_before = count_prunable(teacher)
+    if "model" not in pruned:
+        masks.to(ctx.device)
+        mask_opt = mask_optimizer(masks)
+        detach = attach(student, masks)
+        engine = build_engine(student, cfg, ctx.world, total_steps=sc.prune_epochs * len(loader))
+        seed_everything(cfg.train.seed + ctx.rank)
 
-def _build(model_cls, config, structure: dict, state: dict):
-    model = model_cls(config)
-    with warnings.catch_warnings():  # "Initializing zero-element tensors is a no-op" for removed layers
-        warnings.simplefilter("ignore", UserWarning)
-        _resize(model, structure)
-    model.load_state_dict(state, strict=True, assign=True)
-    for p in model.parameters():  # the [0, D] / [D, 0] weights of removed layers: nothing to train, keep them
-        if p.numel() == 0:        # out of optimizers (and DeepSpeed's flat buffers)
-            p.requires_grad_(False)
-    setattr(model.config, STRUCTURE_KEY, structure)  # an extra config attribute: written to config.json
-    return model.eval()
+        def evaluate() -> dict:
+            masks.eval()  # the deterministic masks
+            metrics = ctx.evaluate(engine.module)
+            masks.train()
+            return metrics
 
+        def save_masked(folder: Path, metrics: dict, hist: list[dict]) -> None:
+            checkpoint.save_model(folder, engine.module, ctx.tokenizer, cfg, metrics, hist)
+            save_file({k: v.detach().contiguous().cpu() for k, v in masks.state_dict().items()}, str(folder / MASKS_FILE))
 
-def prune(model, masks: CoFiMasks) -> nn.Module:
-    """A new, physically smaller model (same class as `model`, eval mode) computing what `model` with `attach`ed
-    deterministic masks computes: zero heads, units, hidden dims and layers are removed and the kept z values are
-    folded into the weights. `model` and `masks` are left unchanged; no hooks are needed on the result."""
-    state, structure = _folded_state(model, masks)
-    config = copy.deepcopy(model.config)
-    pruned = _build(type(model), config, structure, state)
-    return pruned.to(next(model.parameters()).device)
+        target = {"now": 0.0}
 
+        def step(batch: dict, n: int) -> float:
+            target["now"] = target_at(n, ramp, sc.target_sparsity)
+            return distill_step(engine, masks, mask_opt, teacher, batch, cfg, target["now"])
 
-def save_pruned(model, folder) -> None:
-    """A Hugging Face folder: config.json (the original BertConfig plus `flatray_structure`) and model.safetensors
-    (the small tensors). Load it with `load_pruned`; `AutoConfig.from_pretrained` reads the config as usual."""
-    if STRUCTURE_KEY not in model.config.to_dict():
-        raise ValueError("save_pruned expects a model returned by prune() or load_pruned()")
-    model.save_pretrained(folder)
+        pruning = loop.Phase(
+            engine, loader, range(1, sc.prune_epochs + 1), step=step, save=save_masked, evaluate=evaluate,
+            metrics=lambda: {"target_sparsity": target["now"], "expected_sparsity": float(masks.expected_sparsity()),
+                             "lambda_1": float(masks.lambda_1)},
+            label="prune epoch", number=1, checkpoint_every_epoch=True)
+        loop.run_phase(ctx, pruning, history)
+        detach()
+        masks.eval()
+        pruned["model"] = prune(engine.module, masks)
+        del engine
+    small = pruned["model"].train()
+    totals.update(params=sum(p.numel() for p in small.parameters()),
+                  sparsity=1 - count_prunable(small) / prunable_before)
+    ctx.log(f"pruned: {totals['params']:,} parameters (teacher {totals['teacher_params']:,}), "
+            f"sparsity {totals['sparsity']:.4f} over the encoder's Q/K/V/O/FFN weights")
+    engine = build_engine(small, cfg, ctx.world, total_steps=max(1, sc.finetune_epochs * len(loader)))
 
+    def save_small(folder: Path, metrics: dict, hist: list[dict]) -> None:
+        save_pruned(engine.module, folder)
+        ctx.tokenizer.save_pretrained(folder)
+        checkpoint.write_run_files(folder, cfg, metrics, hist)
 
-def load_pruned(folder) -> nn.Module:
-    """Rebuild a pruned model saved by `save_pruned`: the plain transformers class named in config.json, built at
-    full size, resized in place to `flatray_structure`, then loaded from model.safetensors."""
-    import transformers
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    config = transformers.AutoConfig.from_pretrained(folder)
-    structure = getattr(config, STRUCTURE_KEY, None)
-    if structure is None:
-        raise ValueError(f"{folder}/config.json has no {STRUCTURE_KEY!r}: not a pruned flatray model")
-    cls = getattr(transformers, config.architectures[0])
-    return _build(cls, config, structure, load_file(folder / "model.safetensors"))
-
-
-def count_prunable(model) -> int:
-    """Weights of the encoder's Q, K, V, O and FFN matrices (what expected_sparsity counts; biases excluded)."""
-    total = 0
-    for layer in model.bert.encoder.layer:
-        sa = layer.attention.self
-        mods = [layer.attention.output.dense, layer.intermediate.dense, layer.output.dense]
-        if not isinstance(sa, NoAttention):
-            mods += [sa.query, sa.key, sa.value]
-        total += sum(m.weight.numel() for m in mods)
-    return total
-
-
-def sparsity_of(pruned, original) -> float:
-    return 1.0 - count_prunable(pruned) / count_prunable(original)
+    first = sc.prune_epochs + 1  # 0 fine-tuning epochs: one evaluation of the pruned model, saved as it is
+    finetuning = loop.Phase(
+        engine, loader, range(first, first + max(1, sc.finetune_epochs)),
+        step=(lambda batch, _: train_step(engine, batch, cfg)) if sc.finetune_epochs else None,
+        save=save_small, metrics=lambda: dict(totals), label="fine-tune epoch", number=2)
+    loop.run_phase(ctx, finetuning, history)

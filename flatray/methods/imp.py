@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from flatray.methods import MASK_FILE
 
 Masks = dict[str, torch.Tensor]
-MASK_FILE = "mask.safetensors"
 
 
 def prunable_weights(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -33,6 +33,12 @@ def prunable_weights(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     if not weights:
         raise ValueError(f"{type(model).__name__}: no Linear weights found in the encoder")
     return weights
+
+
+def zero_fraction(weights) -> float:
+    """Measured sparsity: the fraction of exactly-zero entries of the prunable weights."""
+    total = sum(w.numel() for w in weights)
+    return sum(int((w == 0).sum()) for w in weights) / total
 
 
 def sparsity(masks: Masks) -> float:

@@ -32,9 +32,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from flatray.methods import LSQ_EXPORT_FILE
+
+EXPORT_FILE = LSQ_EXPORT_FILE  # where a run writes its export
 
 FORMAT = "flatray-lsq-v1"
-EXPORT_FILE = "lsq_export.safetensors"  # in a checkpoint folder; not "model*.safetensors", which holds HF weights
 PACKED = ".packed"  # file key of a quantized weight's codes: "<layer>.weight.packed"
 
 
@@ -174,6 +176,8 @@ class QuantEmbedding(nn.Module):
 
 @dataclass
 class QuantSpec:
+    """What quantize_model quantizes and how (saved with an export, so load_exported rebuilds the same model)."""
+
     weight_bits: int = 4  # 2, 3, 4 or 8
     act_bits: int | None = 8  # inputs of the quantized Linears; None = full precision
     symmetric: bool = False  # weights in +-(2^(b-1) - 1): ternary at 2 bits (TernaryBERT)
@@ -182,17 +186,13 @@ class QuantSpec:
     init_scale: float = 1.0  # multiplies every step size's init (weights and activations)
     layers: str = "encoder"  # "encoder" (Q, K, V, attention output, intermediate, output) | "encoder+pooler"
 
-    def __post_init__(self):
-        if self.weight_bits not in (2, 3, 4, 8):
-            raise ValueError(f"weight_bits: got {self.weight_bits}; expected 2, 3, 4 or 8")
-        for name in ("act_bits", "embedding_bits"):
-            bits = getattr(self, name)
-            if bits is not None and not 2 <= bits <= 8:
-                raise ValueError(f"{name}: got {bits}; expected None or 2..8")
-        if self.layers not in ("encoder", "encoder+pooler"):
-            raise ValueError(f"layers: got {self.layers!r}; expected 'encoder' or 'encoder+pooler'")
-        if self.init_scale <= 0:
-            raise ValueError(f"init_scale must be > 0, got {self.init_scale}")
+    # No checks here: users write these values in a run config's `squat` section, which validates them.
+
+    @classmethod
+    def of(cls, squat) -> "QuantSpec":
+        """The quantizer settings of a run config's `squat` section."""
+        return cls(weight_bits=squat.weight_bits, act_bits=squat.act_bits, symmetric=squat.symmetric,
+                   embedding_bits=squat.embedding_bits, init_scale=squat.init_scale, layers=squat.layers)
 
 
 def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:

@@ -14,6 +14,7 @@ import time
 import warnings
 
 import torch
+from flatray.methods import INT8_FILE
 
 
 class Int8Embedding(torch.ao.nn.quantized.Embedding):
@@ -69,9 +70,6 @@ def cpu_latency(model: torch.nn.Module, batches: list[dict], repeats: int = 3) -
     return statistics.median(per_pass)
 
 
-INT8_FILE = "model_int8.pt"
-
-
 def load_int8(folder, spec) -> torch.nn.Module:
     """The int8 model of a `kind: ptq` checkpoint: the float architecture from config.json, quantized as the run
     did (its flatray_run.yaml), then the saved int8 weights and scales loaded into it."""
@@ -84,3 +82,37 @@ def load_int8(folder, spec) -> torch.nn.Module:
     model = quantize_dynamic_int8(cls.from_config(config), embeddings=run["ptq"]["embeddings"])
     model.load_state_dict(torch.load(f"{folder}/{INT8_FILE}", weights_only=False))
     return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------ in a run
+
+
+def run(ctx) -> None:
+    """kind: ptq: dynamic int8 quantization of a finished model (model: its checkpoint), on the CPU: dev metric,
+    serialized size and latency per dev batch, before and after. The checkpoint holds the int8 state_dict."""
+    from flatray import models
+    from flatray.train.checkpoint import write_run_files
+
+    float_model = models.load_model(ctx.cfg.model, ctx.spec).eval()
+    int8_model = quantize_dynamic_int8(float_model, embeddings=ctx.cfg.ptq.embeddings)
+    metrics = {}
+    for name, model in (("float", float_model), ("int8", int8_model)):
+        metrics.update({f"{name}/{k}": v for k, v in ctx.evaluate(model).items()})
+    metrics["score"] = metrics["int8/score"]
+    if ctx.rank == 0:
+        first = next(iter(ctx.tokenized.evals.values())).features
+        batches = ctx.batches(first, ctx.cfg.train.eval_batch_size * ctx.cfg.ptq.latency_batches)
+        for name, model in (("float", float_model), ("int8", int8_model)):
+            metrics[f"{name}/size_mb"] = serialized_bytes(model) / 2**20
+            metrics[f"{name}/latency_ms"] = 1000 * cpu_latency(model, batches)
+        metrics["size_ratio"] = metrics["float/size_mb"] / metrics["int8/size_mb"]
+        metrics["speedup"] = metrics["float/latency_ms"] / metrics["int8/latency_ms"]
+        ctx.log("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def save(folder) -> None:
+        torch.save(int8_model.state_dict(), folder / INT8_FILE)
+        float_model.config.save_pretrained(folder)
+        ctx.tokenizer.save_pretrained(folder)
+        write_run_files(folder, ctx.cfg, metrics)
+
+    ctx.report(metrics, save)

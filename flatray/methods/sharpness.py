@@ -158,3 +158,31 @@ def sharpness_many(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], 
                    eps_values=EPS_VALUES, **kw) -> dict[str, float]:
     """phi for each eps, as run metrics named `sharpness/eps=<eps>`."""
     return {f"sharpness/eps={eps:g}": sharpness(model, loss_fn, eps, **kw).phi for eps in eps_values}
+
+
+# ------------------------------------------------------------------------------------------------ in a run
+
+
+def sharpness_metrics(ctx, module) -> dict[str, float]:
+    """epsilon-sharpness on the first `sharpness.samples` training examples, computed on rank 0 (the others wait)."""
+    from functools import partial
+
+    if ctx.rank != 0:
+        return {}
+    s = ctx.cfg.sharpness
+    batches = ctx.batches(ctx.tokenized.train, s.samples)
+    values = sharpness_many(module, partial(eval_subset_loss, batches=batches), eps_values=tuple(s.eps), dim=s.dim,
+                            max_iter=s.max_iter, seed=ctx.cfg.train.seed)
+    ctx.log("  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+    return values
+
+
+def run(ctx) -> None:
+    """kind: sharpness: the dev metrics and the sharpness of a finished model (model: its checkpoint). Its
+    checkpoint holds the numbers and no weights: Ray keeps a run's results with its checkpoints."""
+    from flatray import models
+    from flatray.train.checkpoint import write_run_files
+
+    model = models.load_model(ctx.cfg.model, ctx.spec).to(ctx.device)
+    metrics = {**ctx.evaluate(model), **sharpness_metrics(ctx, model)}
+    ctx.report(metrics, lambda folder: write_run_files(folder, ctx.cfg, metrics))

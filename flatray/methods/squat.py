@@ -6,7 +6,8 @@ student starts from a fine-tuned full-precision model and is distilled from it, 
   (A) a SAM/ASAM step on the latent weights w with the step sizes s frozen (the quantizer is re-applied to w + e;
       s is not perturbed), and
   (B) an optimizer step on s with w frozen (the LSQ gradient, no perturbation),
-each for `period` optimizer steps in turn. Every open choice is an option of `SquatConfig`.
+each for `period` optimizer steps in turn. Every open choice is an option of `SquatConfig`. `run` is the whole
+run: the student, its engine and the epoch loop (flatray.train.loop).
 
 Freezing is done with the learning rate: one AdamW holds two groups, latent weights (lr_w = train.lr) and step
 sizes (lr_s), and the schedule multiplies the frozen group's lr by 0, which leaves it bit-identical (AdamW's update
@@ -18,10 +19,18 @@ The same code gives the baselines the sweep compares: LSQ-QAT (optimizer adam), 
 
 from __future__ import annotations
 
+from functools import partial
+from pathlib import Path
+
 import torch
+import torch.nn.functional as F
 
 from flatray.config import RunConfig
-from flatray.train.engine import initialize, lr_factor, train_step
+from flatray.methods import lsq
+from flatray.methods.cofi import kd_loss
+from flatray.train.engine import autocast, initialize, lr_factor, train_step
+
+STUDENT_FILE = "student.safetensors"  # latent weights and step sizes: where a retried run continues from
 
 
 def phase(step: int, cfg: RunConfig) -> str:
@@ -68,3 +77,68 @@ def squat_step(engine, batch: dict, cfg: RunConfig, loss_fn, latent: list) -> fl
     the run's optimizer is sam/asam), a plain gradient step in phase B."""
     sam = cfg.optimizer.name != "adam" and phase(steps_taken(engine), cfg) != "B"
     return train_step(engine, batch, cfg, loss_fn=loss_fn, sam=sam, perturb=latent)
+
+
+def distillation_loss(model, batch: dict, teacher_out, cfg: RunConfig):
+    """SQuAT's objective: weighted task loss + logit KD (+ hidden-state and attention MSE) to the teacher."""
+    sq = cfg.squat
+    out = model(**batch, output_hidden_states=bool(sq.kd_hidden), output_attentions=bool(sq.kd_attention))
+    loss = sq.task_loss * out.loss if sq.task_loss else 0.0
+    if sq.kd_logits:
+        pairs = ([(out.start_logits, teacher_out.start_logits), (out.end_logits, teacher_out.end_logits)]
+                 if hasattr(out, "start_logits") else [(out.logits, teacher_out.logits)])
+        loss = loss + sq.kd_logits * sum(kd_loss(s, t, sq.kd_temperature) for s, t in pairs) / len(pairs)
+    if sq.kd_hidden:
+        loss = loss + sq.kd_hidden * sum(F.mse_loss(s, t) for s, t in zip(out.hidden_states, teacher_out.hidden_states))
+    if sq.kd_attention:
+        loss = loss + sq.kd_attention * sum(F.mse_loss(s, t) for s, t in zip(out.attentions, teacher_out.attentions))
+    return loss
+
+
+def run(ctx) -> None:
+    """kind: squat: low-bit LSQ quantization-aware training of a copy of the teacher (model: a checkpoint),
+    distilled from it. A checkpoint holds the exported model (integer codes packed at b bits + step sizes) and the
+    student's latent weights (for a retried run to continue from)."""
+    from safetensors.torch import save_file
+
+    from flatray import models
+    from flatray.train import checkpoint, loop
+    from flatray.train.context import seed_everything
+
+    cfg, sq = ctx.cfg, ctx.cfg.squat
+    loader = ctx.train_loader()
+    seed_everything(cfg.train.seed)
+    extra = {"attn_implementation": "eager"} if sq.kd_attention else {}  # attention probabilities need eager
+    teacher = models.load_model(cfg.model, ctx.spec, **extra).to(ctx.device).eval().requires_grad_(False)
+    student = lsq.quantize_model(models.load_model(cfg.model, ctx.spec, **extra), lsq.QuantSpec.of(sq))
+    history = checkpoint.restore(lambda folder, _: checkpoint.load_state(student, folder / STUDENT_FILE))
+    student.to(ctx.device)
+    if not history:  # activation step sizes start from one batch, the same on every worker
+        train = ctx.tokenized.train
+        batch = ctx.collate([train[i] for i in range(min(cfg.train.batch_size, len(train)))])
+        with torch.no_grad():
+            student(**{k: v.to(ctx.device) for k, v in batch.items()})
+    latent = lsq.latent_params(student)
+    engine = build_engine(student, cfg, ctx.world, total_steps=cfg.train.epochs * len(loader))
+    seed_everything(cfg.train.seed + ctx.rank)
+
+    def step(batch: dict, _) -> float:
+        with torch.no_grad(), autocast(cfg, ctx.device):
+            target = teacher(**batch, output_hidden_states=bool(sq.kd_hidden), output_attentions=bool(sq.kd_attention))
+        return squat_step(engine, batch, cfg, partial(distillation_loss, teacher_out=target, cfg=cfg), latent)
+
+    def save(folder: Path, metrics: dict, hist: list[dict]) -> None:
+        lsq.export(engine.module, folder / lsq.EXPORT_FILE)
+        metrics["export_bytes"] = (folder / lsq.EXPORT_FILE).stat().st_size
+        save_file({k: v.detach().contiguous().cpu() for k, v in engine.module.state_dict().items()},
+                  str(folder / STUDENT_FILE))
+        ctx.tokenizer.save_pretrained(folder)
+        checkpoint.write_run_files(folder, cfg, metrics, hist)
+
+    phase = loop.Phase(
+        engine, loader, range(1, cfg.train.epochs + 1), step=step, save=save,
+        metrics=lambda: {**lsq.level_fractions(engine.module), **lsq.mean_step_sizes(engine.module)},
+        keep_best=cfg.sharpness.enabled)
+    loop.run_phase(ctx, phase, history)
+    if cfg.sharpness.enabled:  # the best model's export is written again with its sharpness
+        loop.report_best_with_sharpness(ctx, phase, history, drop=("export_bytes",))

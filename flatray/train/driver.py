@@ -1,7 +1,7 @@
 """One run: `python -m flatray.train RUN.yaml [--set key=value ...]`.
 
 The driver validates the run file (before Ray starts), then runs a Ray Train `TorchTrainer` whose workers each wrap
-the model in a DeepSpeed engine and do what the run's `kind` says (flatray.train.worker).
+the model in a DeepSpeed engine and run the method its `kind` names (flatray.train.context, flatray.methods).
 
 A fine-tuning checkpoint is a plain Hugging Face model folder (config.json, model.safetensors, tokenizer files) plus
 `flatray_run.yaml` (the resolved run config), `metrics.json`, `history.json` and, for pruned runs, `mask.safetensors`.
@@ -16,7 +16,7 @@ import sys
 
 from flatray import config as config_lib
 from flatray.config import ConfigError, RunConfig
-from flatray.train.worker import train_worker
+from flatray.train.context import train_worker
 
 # RAY_TRAIN_ENABLE_PRINT_PATCH=0: Train V2 reroutes print() through its logger, and each worker line then reaches
 # the console twice.

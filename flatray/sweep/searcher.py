@@ -1,0 +1,168 @@
+"""The Tune `Searcher` that walks a sweep's experiment graph: `suggest` hands out ready trials (a finished parent's
+children first), `on_trial_complete` records the outcome and releases the finished trial's children, so an IMP
+chain, a transfer or a PTQ run never waits for unrelated trials. Finished trials (a `summary.json` with status done
+or stopped) are not run again; their children are released all the same."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import time
+
+from ray.tune.search import Searcher
+
+from flatray import storage
+from flatray.config import ConfigError
+from flatray.config.errors import flatten
+from flatray.config.sweep import SearchSettings, SweepFile
+from flatray.sweep.graph import make_record, order
+from flatray.sweep.points import Points
+
+log = logging.getLogger("flatray.sweep")
+
+
+class SweepSearcher(Searcher):
+    """Walks the experiment graph for Tune: `suggest` hands out ready trials (children first), `on_trial_complete`
+    records the outcome and releases the finished trial's children."""
+
+    def __init__(self, sweep: SweepFile, root: str):
+        super().__init__(metric="score", mode="max")
+        self.sweep, self.root = sweep, root
+        self.order = order(sweep.experiments)
+        self.children = collections.defaultdict(list)
+        for name in self.order:
+            if sweep.experiments[name].parent:
+                self.children[sweep.experiments[name].parent].append(name)
+        self.searches: list[Points] = [Points.create(sweep, n, None) for n in self.order
+                                       if not sweep.experiments[n].parent]
+        self.ready: collections.deque = collections.deque()  # (record, its Points, tell handle)
+        self.running: dict[str, tuple] = {}  # Tune trial id -> (record, its Points, tell handle)
+        self.outcomes: dict[str, tuple[dict, dict]] = {}  # trial id -> (record, summary)
+        self.fed_best: set[str] = set()
+        self.stopped: set[str] = set()  # Tune trial ids the scheduler stopped early (SweepScheduler adds them)
+        self.skipped = 0  # finished in an earlier run of the sweep
+
+    # Tune checkpoints searchers; the sweep resumes from its trial folders instead.
+    def save(self, checkpoint_path: str) -> None:
+        pass
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass
+
+    def suggest(self, trial_id: str):
+        while True:
+            item = self._next()
+            if item is None:
+                return self.FINISHED if self._complete_all() else None
+            record = item[0]
+            summary = storage.read_json(storage.join(record["dir"], "summary.json"))
+            if summary and summary.get("status") in ("done", "stopped"):
+                self.skipped += 1  # finished before: not run again, but its children are released
+                self._finish(item, summary)
+                continue
+            self.running[trial_id] = item
+            return {"flatray": record, "retries": self.sweep.experiments[record["experiment"]].retries}
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        item = self.running.pop(trial_id, None)
+        if item is None:
+            return
+        record = item[0]
+        path = storage.join(record["dir"], "summary.json")
+        summary = storage.read_json(path)
+        if summary is None:
+            if not error and trial_id not in self.stopped:
+                return  # interrupted (Ctrl-C): no summary, so a resumed sweep continues it from its checkpoint
+            summary = {"id": record["id"], "experiment": record["experiment"], "kind": record["kind"],
+                       "status": "failed" if error else "stopped",
+                       "metrics": {k: v for k, v in (result or {}).items() if isinstance(v, (int, float))},
+                       "history": [], "checkpoint": None, "outputs": {}, "ended": time.time(),
+                       "error": "the trial's process died" if error else None}
+            storage.write_json(path, summary)
+        self._finish(item, summary)
+
+    # ---------------------------------------------------------------------------------------------------------
+
+    def _next(self):
+        """A ready dependent trial first (a parent's children start as soon as it ends), else a new point."""
+        if self.ready:
+            return self.ready.popleft()
+        for search in self.searches:
+            while (drawn := search.draw()) is not None:
+                point, handle = drawn
+                level = 1 if self.sweep.experiments[search.experiment].method.chained else None
+                item = self._item(search.experiment, point, search.parent, level, search, handle)
+                if item is not None:
+                    return item
+        self.searches = [s for s in self.searches if s.todo]  # exhausted: their trials hold them until told
+        return None
+
+    def _item(self, name, point, parent, level, search: Points, handle):
+        parent_summary = self.outcomes[parent["id"]][1] if parent else None
+        try:
+            record = make_record(self.sweep, self.root, name, point, parent, parent_summary, level)
+        except ConfigError as err:  # e.g. the parent left no mask to transfer: this trial fails, the sweep goes on
+            log.warning("experiment %s: cannot start a trial: %s", name, err)
+            failed = {"id": None, "experiment": name, "status": "failed", "metrics": {}, "error": str(err)}
+            search.tell(handle, None)
+            self.outcomes[f"invalid-{len(self.outcomes)}"] = ({"experiment": name, "point": point}, failed)
+            return None
+        return record, search, handle
+
+    def _finish(self, item, summary: dict) -> None:
+        record, search, handle = item
+        self.outcomes[record["id"]] = (record, summary)
+        done = summary.get("status") == "done"
+        search.tell(handle, summary.get("metrics", {}).get("score") if done else None)
+        if not done:
+            return
+        exp = self.sweep.experiments[record["experiment"]]
+        if exp.method.chained and record["level"] < exp.levels:  # the next level of this chain
+            nxt = self._item(record["experiment"], {}, record, record["level"] + 1, search, None)
+            if nxt:
+                self.ready.appendleft(nxt)
+        # First in line, in the file's order: a dependent trial starts before any new root point is drawn.
+        self.searches[0:0] = [Points.create(self.sweep, child, record) for child in self.children[record["experiment"]]
+                              if self.sweep.experiments[child].feed == "each"
+                              and self._feeds(self.sweep.experiments[child], record)]
+        self._feed_best()
+
+    def _feeds(self, child_exp, record) -> bool:
+        return not child_exp.parent_levels or record.get("level") in child_exp.parent_levels
+
+    def _feed_best(self) -> None:
+        """feed: best waits until the parent experiment is complete, then takes the best trial of each group."""
+        for name in self.order:
+            exp = self.sweep.experiments[name]
+            if exp.feed != "best" or not exp.parent or name in self.fed_best or not self._complete(exp.parent):
+                continue
+            self.fed_best.add(name)
+            groups: dict[tuple, tuple[dict, dict]] = {}
+            for record, summary in self.outcomes.values():
+                if (record.get("experiment") != exp.parent or summary.get("status") != "done"
+                        or not self._feeds(exp, record)):
+                    continue
+                flat = flatten(record["config"])
+                group = tuple(json.dumps(flat.get(k)) for k in exp.group_by)
+                score = summary["metrics"].get("score", -math.inf)
+                sign = 1 if (self.sweep.experiments[exp.parent].search or SearchSettings()).mode == "max" else -1
+                if group not in groups or sign * score > sign * groups[group][1]["metrics"].get("score", -math.inf):
+                    groups[group] = (record, summary)
+            self.searches[0:0] = [Points.create(self.sweep, name, record) for record, _ in groups.values()]
+
+    def _complete(self, name: str) -> bool:
+        """No trial of `name` is running, ready or still to be drawn, and none can be released any more."""
+        exp = self.sweep.experiments[name]
+        if exp.parent and not self._complete(exp.parent):
+            return False
+        if exp.parent and exp.feed == "best" and name not in self.fed_best:
+            return False
+        return not (any(s.experiment == name and s.todo for s in self.searches)
+                    or any(item[0]["experiment"] == name for item in self.ready)
+                    or any(item[0]["experiment"] == name for item in self.running.values()))
+
+    def _complete_all(self) -> bool:
+        self._feed_best()
+        return all(self._complete(n) for n in self.order) and not self.ready

@@ -1,0 +1,62 @@
+"""One sweep trial as a Tune trainable: a Ray Train run of the trial's config, retried from its last checkpoint,
+and the trial's `summary.json` (written atomically at the end: its presence means finished)."""
+
+from __future__ import annotations
+
+import time
+
+from flatray import methods, storage
+from flatray.config import RunConfig
+
+
+def run_trial(tune_config: dict) -> None:
+    """A Tune trial: one Ray Train run of the trial's config, retried from its last checkpoint on failure."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from flatray import train
+
+    record, retries = tune_config["flatray"], tune_config["retries"]
+    record = {**record, "started": time.time()}
+    folder = record["dir"]
+    storage.write_json(storage.join(folder, "trial.json"), record)
+    cfg = RunConfig.model_validate(record["config"])
+    start, error = time.time(), None
+    # Retries are this loop rather than Ray Train's FailureConfig: each attempt is recorded (attempts.jsonl) and the
+    # last error reaches summary.json; both restore the run's latest checkpoint the same way.
+    for attempt in range(1, retries + 2):
+        storage.append_line(storage.join(folder, "attempts.jsonl"), {"attempt": attempt, "start": time.time()})
+        try:
+            # Same name and storage as before: Ray Train restores the run's latest checkpoint, and the workers
+            # continue from it (flatray.methods.finetune).
+            result = train.make_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+            break
+        except Exception as err:  # ray.train.TrainingFailedError: a worker raised
+            error = err
+            print(f"[flatray] trial {record['id']} ({record['experiment']}) attempt {attempt}/{retries + 1} "
+                  f"failed: {str(err).splitlines()[0][:300]}", flush=True)
+    else:
+        storage.write_json(storage.join(folder, "summary.json"), {
+            "id": record["id"], "experiment": record["experiment"], "kind": record["kind"], "status": "failed",
+            "metrics": {}, "history": [], "checkpoint": None, "outputs": {}, "attempts": retries + 1,
+            "wall_s": time.time() - start, "ended": time.time(), "error": f"{type(error).__name__}: {error}"[:4000]})
+        raise error
+    storage.write_json(storage.join(folder, "summary.json"), summarize(record, result, attempt, time.time() - start))
+
+
+def summarize(record: dict, result, attempts: int, wall_s: float) -> dict:
+    ckpt = result.checkpoint
+    path = None
+    if ckpt is not None:
+        scheme = record["dir"].split("://")[0] + "://" if "://" in record["dir"] else ""
+        path = ckpt.path if "://" in ckpt.path or not scheme else scheme + ckpt.path
+    history = storage.read_json(storage.join(path, "history.json")) if path else None
+    outputs = dict.fromkeys(methods.ARTIFACT_TYPES)
+    if path:
+        files = set(storage.list_files(path))
+        for what, name in methods.get(record["kind"]).files.items():  # what the method leaves, if it is there
+            if name in files:
+                outputs[what] = path if what == "model" else storage.join(path, name)
+    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str, bool))}
+    return {"id": record["id"], "experiment": record["experiment"], "kind": record["kind"], "status": "done",
+            "metrics": metrics, "history": history or [], "checkpoint": path, "outputs": outputs,
+            "attempts": attempts, "wall_s": wall_s, "ended": time.time(), "error": None}
