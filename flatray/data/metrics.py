@@ -1,59 +1,55 @@
-"""Evaluation metrics for GLUE and SQuAD v1.1, numpy only."""
+"""Evaluation metrics for GLUE and SQuAD v1.1, and compute_metrics: a task's metrics from its model outputs.
+
+GLUE's come from scipy and scikit-learn; SQuAD's EM/F1 follow the official evaluate-v1.1.py script."""
 import collections
 import re
 import string
 
 import numpy as np
+from scipy import stats
+from sklearn import metrics as skm
+
+from flatray.data.squad import postprocess_qa
+from flatray.data.tasks import TaskSpec
+
+_F1_TASKS = ("qqp", "mrpc")  # GLUE reports F1 next to accuracy for the two paraphrase tasks
 
 
 def accuracy(preds, labels) -> float:
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    return float((preds == labels).mean())
+    return float(skm.accuracy_score(np.asarray(labels), np.asarray(preds)))
 
 
 def f1_binary(preds, labels) -> float:
-    preds, labels = np.asarray(preds) == 1, np.asarray(labels) == 1
-    tp = np.sum(preds & labels)
-    denom = preds.sum() + labels.sum()  # = 2tp + fp + fn
-    return float(2 * tp / denom) if denom > 0 else 0.0
+    """F1 of class 1; 0.0 when there are no positives at all (undefined)."""
+    return float(skm.f1_score(np.asarray(labels), np.asarray(preds), pos_label=1, zero_division=0))
 
 
 def matthews_corrcoef(preds, labels) -> float:
-    # general multiclass formula (Gorodkin 2004) from the confusion matrix; binary is a special case
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    classes, idx = np.unique(np.concatenate([labels, preds]), return_inverse=True)
-    y, p = idx[: len(labels)], idx[len(labels):]
-    k = len(classes)
-    cm = np.bincount(y * k + p, minlength=k * k).reshape(k, k).astype(np.float64)
-    t, q = cm.sum(1), cm.sum(0)  # true / predicted counts per class
-    n, c = cm.sum(), np.trace(cm)
-    denom = np.sqrt((n * n - q @ q) * (n * n - t @ t))
-    return float((c * n - t @ q) / denom) if denom > 0 else 0.0
+    """Multiclass MCC; 0.0 when undefined (e.g. a constant prediction)."""
+    return float(skm.matthews_corrcoef(np.asarray(labels), np.asarray(preds)))
+
+
+def _undefined(x, y) -> bool:
+    # constant input: scipy returns nan (and warns); report 0.0 as for MCC, so a constant model scores 0, not nan
+    return len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0
 
 
 def pearson(x, y) -> float:
     x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
-    x, y = x - x.mean(), y - y.mean()
-    denom = np.sqrt((x @ x) * (y @ y))
-    return float(x @ y / denom) if denom > 0 else 0.0
+    return 0.0 if _undefined(x, y) else float(stats.pearsonr(x, y).statistic)
 
 
 def _rank(a):
-    # 1-based ranks, ties get the average of the ranks they span
-    a = np.asarray(a, dtype=np.float64).ravel()
-    order = np.argsort(a, kind="mergesort")
-    ranks = np.empty(len(a))
-    ranks[order] = np.arange(1, len(a) + 1)
-    _, inv, counts = np.unique(a, return_inverse=True, return_counts=True)
-    sums = np.bincount(inv, weights=ranks)
-    return sums[inv] / counts[inv]
+    # kept only for tests/test_metrics.py::test_rank_averages_ties; spearman leaves ranking to scipy
+    return stats.rankdata(np.ravel(a))  # 1-based, ties get the average of the ranks they span
 
 
 def spearman(x, y) -> float:
-    return pearson(_rank(x), _rank(y))
+    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    return 0.0 if _undefined(x, y) else float(stats.spearmanr(x, y).statistic)
 
 
-# ---- SQuAD v1.1, following the official evaluate-v1.1.py scoring ----
+# ---- SQuAD v1.1, following the official evaluate-v1.1.py scoring (kept by hand: it *is* the definition) ----
 
 _PUNCT = set(string.punctuation)
 
@@ -87,3 +83,28 @@ def squad_em_f1(predictions: dict, references: dict) -> dict:
         f1 += max(_f1(pred, g) for g in golds)
     n = max(len(references), 1)
     return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1 / n}
+
+
+# ---- per task ----
+
+def compute_metrics(spec: TaskSpec, eval_set, outputs) -> dict[str, float]:
+    """eval_set: a flatray.data.EvalSet. outputs: classification logits [n, C]; regression [n] or [n, 1];
+    qa (start_logits, end_logits), each [n, L] or a list of per-batch [b, L_i]."""
+    if spec.kind == "qa":
+        start_logits, end_logits = outputs
+        preds = postprocess_qa(eval_set.examples, eval_set.meta, start_logits, end_logits)
+        gold = eval_set.examples.select_columns(["id", "answers"])[:]
+        refs = {ex_id: ans["text"] for ex_id, ans in zip(gold["id"], gold["answers"])}
+        return squad_em_f1(preds, refs)
+    labels = eval_set.labels
+    outputs = np.asarray(outputs)
+    if spec.kind == "regression":
+        outputs = outputs.reshape(len(labels))
+        return {"pearson": pearson(outputs, labels), "spearman": spearman(outputs, labels)}
+    preds = outputs.reshape(len(labels), -1).argmax(-1)
+    if spec.main_metric == "matthews":
+        return {"matthews": matthews_corrcoef(preds, labels)}
+    out = {"accuracy": accuracy(preds, labels)}
+    if spec.name in _F1_TASKS:
+        out["f1"] = f1_binary(preds, labels)
+    return out

@@ -37,7 +37,7 @@ from typing import Callable
 
 import numpy as np
 
-from flatray.data import DataError
+from flatray.data.errors import DataError
 
 SPLITS = ("train", "validation")
 
@@ -143,6 +143,7 @@ def _archive(task: str, src: RegistrySource, downloads: Path) -> Path:
 
 def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, dev), each in ascending order: round(fraction * n_c) of each label c go to dev."""
+    # by hand: these rows are recipe v1's dev split (docs/RESULTS.md); datasets' stratified split draws other rows
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     dev = [rng.permutation(np.flatnonzero(labels == c))[:round(fraction * int((labels == c).sum()))]

@@ -15,6 +15,7 @@ import sys
 
 
 from flatray import config as config_lib
+from flatray import methods
 from flatray.config import ConfigError, RunConfig
 from flatray.train.context import train_worker
 
@@ -32,6 +33,8 @@ def init_ray(address: str | None, cpus_needed: int, use_gpu: bool) -> None:
     if ray.is_initialized():
         return
     env = dict(WORKER_ENV) if use_gpu else {**WORKER_ENV, "DS_ACCELERATOR": "cpu"}
+    if os.environ.get(methods.PLUGINS_ENV):  # plugin methods: every Ray process must register them too
+        env[methods.PLUGINS_ENV] = os.environ[methods.PLUGINS_ENV]
     for key, value in env.items():  # Train V2 also propagates some variables from the driver's environment
         os.environ.setdefault(key, value)
     if address:
