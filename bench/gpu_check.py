@@ -373,7 +373,7 @@ def check_transfer(c: Checker) -> None:
 
 
 def cofi_run(precision: str, batches: list) -> tuple[dict, dict, list]:
-    cfg = run_config("adam", precision, kind="structured", structured={"target_sparsity": 0.5, "lr_masks": 0.1})
+    cfg = run_config("adam", precision, kind="cofi", cofi={"target_sparsity": 0.5, "lr_masks": 0.1})
     teacher = make_model().to(DEVICE).eval().requires_grad_(False)
     student = make_model()  # CoFi's student starts as a copy of the teacher
     torch.manual_seed(1)  # the masks' init noise

