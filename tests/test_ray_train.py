@@ -240,18 +240,34 @@ def test_a_run_restarted_under_its_name_continues_from_its_checkpoint(tmp_path, 
     assert "sharpness/eps=0.005" in again.metrics
 
 
+class ReportedEpochs:
+    """A Ray Train callback (it runs in Train's controller) that writes each report's (epoch, phase) to a file."""
+
+    def __new__(cls, path):
+        import ray.train
+
+        class Callback(ray.train.UserCallback):
+            def after_report(self, run_context, metrics, checkpoint):
+                with open(path, "a") as f:
+                    f.write(json.dumps([metrics[0].get("epoch"), metrics[0].get("phase")]) + "\n")
+
+        return Callback()
+
+
 def _restart(tmp_path, name, overrides_first, overrides_again, teacher):
-    """Two runs under one name: the second continues from the first's latest checkpoint, as a retried trial does."""
-    def fit(extra):
-        return train.fit(config.from_dict({
+    """Two runs under one name: the second continues from the first's latest checkpoint, as a retried trial does.
+    Returns the first run's history and what the second run reported, as (epoch, phase) pairs."""
+    def cfg(extra):
+        return config.from_dict({
             "model": teacher, "task": "toy", "data": {"max_train_samples": 64, "max_eval_samples": 64},
             "train": {"batch_size": 32, "lr": 1e-3, "seed": 0}, "scaling": {"num_workers": 1},
-            "output": {"storage_path": str(tmp_path), "name": name}}, overrides=[f"{k}={v}" for k, v in extra.items()]))
+            "output": {"storage_path": str(tmp_path), "name": name}}, overrides=[f"{k}={v}" for k, v in extra.items()])
 
-    first = fit(overrides_first)
+    first = train.fit(cfg(overrides_first))
     first_history = json.load(open(f"{first.checkpoint.path}/history.json"))
-    again = fit(overrides_again)
-    return first_history, json.load(open(f"{again.checkpoint.path}/history.json")), again
+    log = tmp_path / "reported.jsonl"
+    again = train.make_trainer(cfg(overrides_again), callbacks=[ReportedEpochs(str(log))]).fit()
+    return first_history, [tuple(json.loads(line)) for line in log.read_text().splitlines()], again
 
 
 def test_a_restarted_cofi_run_continues_its_fine_tuning_phase(dense_run, tmp_path):
@@ -263,27 +279,26 @@ def test_a_restarted_cofi_run_continues_its_fine_tuning_phase(dense_run, tmp_pat
     (teacher_ckpt, _), = teacher_run.best_checkpoints
     common = {"kind": "cofi", "cofi.target_sparsity": 0.5, "cofi.prune_epochs": 2, "cofi.lr_masks": 0.1,
               "cofi.lr_lambdas": 0.1}
-    first, history, again = _restart(tmp_path, "cofi", {**common, "cofi.finetune_epochs": 1},
-                                     {**common, "cofi.finetune_epochs": 2}, teacher_ckpt.path)
+    first, reported, again = _restart(tmp_path, "cofi", {**common, "cofi.finetune_epochs": 1},
+                                      {**common, "cofi.finetune_epochs": 2}, teacher_ckpt.path)
     assert [(h["epoch"], h["phase"]) for h in first] == [(1, 1), (2, 1), (3, 2)]
-    assert [(h["epoch"], h["phase"]) for h in history] == [(1, 1), (2, 1), (3, 2), (4, 2)]
-    assert history[:3] == first  # restored, not re-run
+    assert reported == [(4, 2)]  # only the new fine-tuning epoch ran
+    assert again.metrics["params"] == first[-1]["params"]  # the same pruned model, restored
     student = cofi.load_pruned(again.checkpoint.path)
-    assert sum(p.numel() for p in student.parameters()) == history[-1]["params"] == first[-1]["params"]
+    assert sum(p.numel() for p in student.parameters()) == first[-1]["params"]
 
 
 def test_a_restarted_squat_run_continues_from_its_latent_weights(dense_run, tmp_path):
-    """SQuAT through the one epoch loop: the restarted run measures sharpness at the end, so its last checkpoint
-    holds the whole history whichever epoch was best."""
-    from flatray.methods import lsq
-
+    """SQuAT through the one epoch loop: the restarted run trains only the epochs its checkpoint lacks, and its
+    sharpness (measured at the end) is that of the best model, restored or new."""
     _, _, teacher_run = dense_run
     (teacher_ckpt, _), = teacher_run.best_checkpoints
     common = {"kind": "squat", "optimizer.name": "sam", "train.lr": 1e-4, "squat.weight_bits": 4}
     sharp = {"sharpness.enabled": True, "sharpness.dim": 5, "sharpness.samples": 16, "sharpness.max_iter": 2}
-    first, history, again = _restart(tmp_path, "squat", {**common, "train.epochs": 1},
-                                     {**common, "train.epochs": 2, **sharp}, teacher_ckpt.path)
+    first, reported, again = _restart(tmp_path, "squat", {**common, "train.epochs": 1},
+                                      {**common, "train.epochs": 2, **sharp}, teacher_ckpt.path)
     assert [h["epoch"] for h in first] == [1]
-    assert [h["epoch"] for h in history] == [1, 2] and history[0] == first[0]  # epoch 1 restored, only 2 run
+    assert reported[0] == (2, None) and len(reported) == 2  # epoch 2, then the best model with its sharpness
+    history = json.load(open(f"{again.checkpoint.path}/history.json"))
+    assert [h["epoch"] for h in history] == [1, 2] and history[0] == first[0]  # epoch 1 restored, not re-run
     assert "sharpness/eps=0.005" in again.metrics
-    assert lsq.load_exported(f"{again.checkpoint.path}/{lsq.EXPORT_FILE}") is not None

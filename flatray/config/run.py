@@ -220,8 +220,8 @@ class RunConfig(Section):
     @field_validator("kind")
     @classmethod
     def _known_method(cls, kind):
-        runnable = [m.name for m in methods.METHODS.values() if m.runs_as is None]
-        name = methods.ALIASES.get(kind, kind)
+        runnable = [m.name for m in methods.entries() if m.runs_as is None]
+        name = methods.canonical(kind)
         if name not in runnable:
             raise ValueError(f"one of {', '.join(map(repr, runnable))}")
         return name

@@ -67,7 +67,7 @@ class Experiment(Section):
     @field_validator("kind")
     @classmethod
     def _known_method(cls, kind):
-        if kind not in methods.METHODS and kind not in methods.ALIASES:
+        if methods.canonical(kind) not in methods.names():
             raise ValueError(f"one of {', '.join(map(repr, methods.names()))}")
         return kind  # as written: trial ids hash it, so an alias keeps the ids of the name it stands for
 
@@ -82,7 +82,7 @@ class Experiment(Section):
             raise ValueError(f"kind {self.kind} needs a parent experiment")
         if not method.needs and self.parent:
             raise ValueError(f"kind {self.kind} has no parent (use a method that starts from a parent's outputs, "
-                             f"e.g. {', '.join(m.name for m in methods.METHODS.values() if m.needs)})")
+                             f"e.g. {', '.join(m.name for m in methods.entries() if m.needs)})")
         if method.chained and self.search and (self.search.algorithm != "grid" or any(
                 "grid" not in d and "choice" not in d for d in self.search.space.values())):
             raise ValueError(f"a {self.kind} experiment's search is a grid (each point starts a chain of levels): "

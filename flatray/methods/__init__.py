@@ -8,7 +8,7 @@ imported only inside Ray Train workers, so this file imports neither torch nor R
 
 Adding a method is one module with `run(ctx)` plus one `register(Method(...))`. Plugins outside flatray register
 theirs the same way from a module named in FLATRAY_METHODS (comma-separated), imported here in every process that
-reads the registry (the driver, Tune's trial actors and Ray Train's workers).
+reads the registry (the driver, Tune's trial actors and Ray Train's workers), on the first lookup.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ class Method:
 
 METHODS: dict[str, Method] = {}
 ALIASES: dict[str, str] = {}
+_plugins = {"loaded": False}
 
 
 def register(method: Method, aliases: tuple[str, ...] = ()) -> Method:
@@ -79,20 +80,35 @@ def register(method: Method, aliases: tuple[str, ...] = ()) -> Method:
     return method
 
 
+def entries() -> list[Method]:
+    """Every registered method, plugins included (imported on first use: a plugin imports flatray itself)."""
+    if not _plugins["loaded"]:
+        _plugins["loaded"] = True
+        for module in filter(None, (p.strip() for p in os.environ.get(PLUGINS_ENV, "").split(","))):
+            importlib.import_module(module)
+    return list(METHODS.values())
+
+
+def canonical(name: str) -> str:
+    """The registry name behind `name` (an alias, or the name itself)."""
+    return ALIASES.get(name, name)
+
+
 def get(name: str) -> Method:
-    name = ALIASES.get(name, name)
-    if name not in METHODS:
-        raise KeyError(f"unknown method {name!r}; expected one of {', '.join(names())}")
-    return METHODS[name]
+    known = {m.name: m for m in entries()}
+    if canonical(name) not in known:
+        raise KeyError(f"unknown method {name!r}; expected one of {', '.join(known)}")
+    return known[canonical(name)]
 
 
 def names() -> list[str]:
-    return list(METHODS)
+    return [m.name for m in entries()]
 
 
 def by_run_kind(kind: str) -> Method:
-    """The method a run config's `kind` runs (its entry, or the entry it runs as)."""
-    return next(m for m in METHODS.values() if m.name == ALIASES.get(kind, kind) and m.runs_as is None)
+    """The method a run config's `kind` runs (its own entry: imp and transfer run as finetune)."""
+    method = get(kind)
+    return get(method.runs_as) if method.runs_as else method
 
 
 # ------------------------------------------------------------------------------------------------ how parents feed
@@ -150,6 +166,3 @@ register(Method(
 register(Method(
     "sharpness", "flatray.methods.sharpness:run", "dev metrics and epsilon-sharpness of the parent's model",
     needs=("model",), section="sharpness", report=("flatray.report.flatness:sharpness_table",)))
-
-for _plugin in filter(None, (p.strip() for p in os.environ.get(PLUGINS_ENV, "").split(","))):
-    importlib.import_module(_plugin)

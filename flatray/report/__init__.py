@@ -53,7 +53,7 @@ __all__ = ["DASH", "SQUAT_TEACHER", "ReportWarning", "Section", "load_trials", "
 
 def section_refs() -> list[str]:
     """The "module:function(df, out)" report sections of every registered method, in registry order, each once."""
-    return list(dict.fromkeys(ref for method in methods.METHODS.values() for ref in method.report))
+    return list(dict.fromkeys(ref for method in methods.entries() for ref in method.report))
 
 
 def _status_table(df: pd.DataFrame) -> pd.DataFrame:

@@ -127,7 +127,7 @@ def ancestors(tid: str, raw: dict[str, Trial]) -> list[str]:
 
 def _row_hook(kind: Any) -> Callable | None:
     # Records on disk may name a method by an alias (kind "structured" is the method "cofi").
-    method = methods.METHODS.get(methods.ALIASES.get(kind, kind)) if isinstance(kind, str) else None
+    method = {m.name: m for m in methods.entries()}.get(methods.canonical(kind)) if isinstance(kind, str) else None
     return resolve(method.report_row) if method and method.report_row else None
 
 

@@ -80,8 +80,8 @@ def _done(df: pd.DataFrame, kind: str) -> pd.DataFrame:
     """The finished trials of a method, whichever of its names (aliases) their records use."""
     if df.empty:
         return df
-    name = methods.ALIASES.get(kind, kind)
-    kinds = df["kind"].map(lambda k: methods.ALIASES.get(k, k) if isinstance(k, str) else k)
+    name = methods.canonical(kind)
+    kinds = df["kind"].map(lambda k: methods.canonical(k) if isinstance(k, str) else k)
     return df[(kinds == name) & (df["status"] == "done")]
 
 
