@@ -9,6 +9,19 @@ from flatray import methods, storage
 from flatray.config import RunConfig
 
 
+def stopped_by_tune() -> bool:
+    """Whether Tune has ended this trial (Ctrl-C, ASHA): its Ray Train run then fails as a consequence, which is
+    neither a reason to retry nor a failure to record. The flag is Ray's private session state: Tune has no public
+    way for a function trainable to ask."""
+    try:
+        from ray.train._internal.session import get_session
+
+        session = get_session()  # None once Tune has cleaned the trial up
+        return session is None or session.stop_event.is_set()
+    except (ImportError, AttributeError):
+        return False
+
+
 def run_trial(tune_config: dict) -> None:
     """A Tune trial: one Ray Train run of the trial's config, retried from its last checkpoint on failure."""
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -31,6 +44,8 @@ def run_trial(tune_config: dict) -> None:
             result = train.make_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
             break
         except Exception as err:  # ray.train.TrainingFailedError: a worker raised
+            if stopped_by_tune():
+                raise  # not a failure: the next run of the sweep continues this trial from its checkpoint
             error = err
             print(f"[flatray] trial {record['id']} ({record['experiment']}) attempt {attempt}/{retries + 1} "
                   f"failed: {str(err).splitlines()[0][:300]}", flush=True)
