@@ -52,7 +52,6 @@ class Method:
     early_stopping: bool = False  # ASHA may stop its searched trials
     chained: bool = False  # a chain of levels, each trial feeding the next (IMP)
     cpu_only: bool = False  # its trials run on CPU workers whatever the sweep's defaults say
-    section: str | None = None  # its run-config section
     report: tuple[str, ...] = ()  # "module:function(df, out)" report sections that show its trials
     report_row: str | None = None  # "module:function(row, trial, ancestors)": its own columns of a trial's report row
 
@@ -138,31 +137,31 @@ FINETUNE_FILES = {"model": MODEL_FILE, "mask": MASK_FILE}
 
 register(Method(
     "finetune", "flatray.methods.finetune:run", "Adam/SAM/ASAM fine-tuning (a mask makes it a pruned run)",
-    files=FINETUNE_FILES, produces=_finetune_outputs, early_stopping=True, section="optimizer",
+    files=FINETUNE_FILES, produces=_finetune_outputs, early_stopping=True,
     report=("flatray.report.flatness:search_scatter",), report_row="flatray.report.pruning:pruned_root_row"))
 register(Method(
     "imp", "flatray.methods.finetune:run", "one IMP level: prune the parent's weights, rewind, re-train",
-    runs_as="finetune", needs=("model",), uses=("mask",), files=FINETUNE_FILES, produces=_finetune_outputs, feed=feed_imp_level,
-    chained=True, section="prune", report=("flatray.report.pruning:imp_sparsity",),
+    runs_as="finetune", needs=("model",), uses=("mask",), files=FINETUNE_FILES, produces=_finetune_outputs,
+    feed=feed_imp_level, chained=True, report=("flatray.report.pruning:imp_sparsity",),
     report_row="flatray.report.pruning:imp_row"))
 register(Method(
     "transfer", "flatray.methods.finetune:run", "re-train from theta_0 under the parent's mask (ticket transfer)",
     runs_as="finetune", needs=("mask",), files=FINETUNE_FILES, produces=_finetune_outputs, feed=feed_mask,
-    early_stopping=True, section="prune",
+    early_stopping=True,
     report=("flatray.report.pruning:transfer_mask_optimizer", "flatray.report.pruning:transfer_heatmap"),
     report_row="flatray.report.pruning:transfer_row"))
 register(Method(
     "ptq", "flatray.methods.ptq:run", "dynamic int8 quantization of the parent's model, measured on the CPU",
-    needs=("model",), files={"export": INT8_FILE}, cpu_only=True, section="ptq",
+    needs=("model",), files={"export": INT8_FILE}, cpu_only=True,
     report=("flatray.report.quantization:ptq_table",)))
 register(Method(
     "cofi", "flatray.methods.cofi:run", "CoFi structured pruning, distilled from the parent as teacher",
-    needs=("model",), files={"model": MODEL_FILE}, section="cofi",
+    needs=("model",), files={"model": MODEL_FILE},
     report=("flatray.report.pruning:cofi_table",)), aliases=("structured",))
 register(Method(
     "squat", "flatray.methods.squat:run", "low-bit LSQ QAT with SAM/ASAM (SQuAT), distilled from the parent",
-    needs=("model",), files={"export": LSQ_EXPORT_FILE}, early_stopping=True, section="squat",
+    needs=("model",), files={"export": LSQ_EXPORT_FILE}, early_stopping=True,
     report=("flatray.report.quantization:squat_bits",), report_row="flatray.report.quantization:squat_row"))
 register(Method(
     "sharpness", "flatray.methods.sharpness:run", "dev metrics and epsilon-sharpness of the parent's model",
-    needs=("model",), section="sharpness", report=("flatray.report.flatness:sharpness_table",)))
+    needs=("model",), report=("flatray.report.flatness:sharpness_table",)))

@@ -29,13 +29,13 @@ def _records(path: Path):
         if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
             pos += 32768 - pos % 32768
             continue
-        crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        crc, length, chunk_type = struct.unpack("<IHB", data[pos:pos + 7])
         chunk = data[pos + 7:pos + 7 + length]
-        if kind == 0 or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != crc:
+        if chunk_type == 0 or zlib.crc32(chunk, zlib.crc32(bytes([chunk_type]))) != crc:
             return  # zero padding or a torn write at the end: what came before is complete
         pos += 7 + length
         pending += chunk
-        if kind in (1, 4):  # full or last chunk of a record
+        if chunk_type in (1, 4):  # full or last chunk of a record
             record = pb.Record()
             record.ParseFromString(pending)
             pending = b""
@@ -60,30 +60,30 @@ def read_offline_runs(wandb_dir: str) -> list[dict]:
         run = {"path": str(file.parent), "config": {}, "summary": {}, "history": [], "logged_artifacts": [],
                "used_artifacts": [], "exit_code": None}
         for record in _records(file):
-            kind = record.WhichOneof("record_type")
-            if kind == "run":
+            entry = record.WhichOneof("record_type")
+            if entry == "run":
                 r = record.run
                 run.update(id=r.run_id, name=r.display_name, group=r.run_group, job_type=r.job_type,
                            entity=r.entity, project=r.project, start_time=r.start_time.ToDatetime())
                 for item in r.config.update:
                     _set(run["config"], item)
-            elif kind in ("config", "summary"):
-                for item in getattr(record, kind).update:
-                    _set(run[kind], item)
-            elif kind == "history":
+            elif entry in ("config", "summary"):
+                for item in getattr(record, entry).update:
+                    _set(run[entry], item)
+            elif entry == "history":
                 row = {}
                 for item in record.history.item:
                     _set(row, item)
                 run["history"].append(row)
-            elif kind == "artifact":
+            elif entry == "artifact":
                 a = record.artifact
                 used = a.user_created and a.use_after_commit  # an input (flatray.tracking.runs.declare_input)
                 run["used_artifacts" if used else "logged_artifacts"].append(
                     {"name": a.name, "type": a.type, "digest": a.digest})
-            elif kind == "use_artifact":
+            elif entry == "use_artifact":
                 run["used_artifacts"].append({"name": record.use_artifact.name, "type": record.use_artifact.type,
                                               "digest": None})
-            elif kind == "exit":
+            elif entry == "exit":
                 run["exit_code"] = record.exit.exit_code
         run["config"].pop("_wandb", None)
         run["summary"] = {k: v for k, v in run["summary"].items() if not k.startswith("_")}
