@@ -93,8 +93,8 @@ def _write_readme(out: Path, root: Path, sweep: str, df: pd.DataFrame, sections:
              "CSV files hold the same numbers at full precision.", "", "## Trials", "",
              _markdown(status) if not status.empty else "No trials found.", "",
              "running = no summary.json yet (unfinished or interrupted); corrupt = an unreadable summary.json.", ""]
-    for sec in sections:
-        lines += [f"## {sec.title}", "", sec.about, ""]
+    for number, sec in enumerate(sections, 1):  # numbered in the registry's order of methods
+        lines += [f"## {number}. {sec.title}", "", sec.about, ""]
         lines += [f"![{name}]({name})\n" for name in sec.figures]
         for name, md in sec.markdown.items():
             lines += [md, "", f"Numbers: [{name}.csv]({name}.csv)", ""]

@@ -46,7 +46,7 @@ def _sharpness_points(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
 
 def sharpness_table(df: pd.DataFrame, out: Path) -> Section:
     """P1 Table 3: epsilon-sharpness of the dense fine-tuned models per task, optimizer and eps."""
-    sec = Section("7. Sharpness by eps and optimizer (P1 Table 3)",
+    sec = Section("Sharpness by eps and optimizer (P1 Table 3)",
                   "epsilon-sharpness phi (Keskar et al.; a relative loss increase in %, lower = flatter) of the "
                   "dense fine-tuned models, from sharpness trials or fine-tuning runs that measured it.")
     points, skipped = _sharpness_points(df)
@@ -106,7 +106,7 @@ def search_scatter(df: pd.DataFrame, out: Path) -> list[Section]:
     done = done[done["parent"].isna()] if not done.empty else done
     sections = []
     for experiment, trials in sorted(done.groupby("experiment")) if not done.empty else []:
-        sec = Section(f"8. The search: experiment {experiment}",
+        sec = Section(f"The search: experiment {experiment}",
                       "Every finished trial of the searched root experiment; best trial per task and optimizer below.")
         sections.append(sec)
         keys = _searched_keys(trials)

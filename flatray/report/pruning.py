@@ -88,7 +88,7 @@ def _imp_points(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[str]
 def imp_sparsity(df: pd.DataFrame, out: Path) -> Section:
     """P1 Figure 2 / Table 1: the main metric of each IMP level per task, one line per optimizer x mask method;
     level 0 is the chain's root (the dense fine-tuned model), also drawn as a horizontal reference."""
-    sec = Section("1. IMP: metric vs sparsity (P1 Figure 2 / Table 1)",
+    sec = Section("IMP: metric vs sparsity (P1 Figure 2 / Table 1)",
                   "Lottery tickets by iterative magnitude pruning with rewinding, and random-mask controls "
                   "(random IMP chains or pruned fine-tuning runs from theta_0). 0% = the dense fine-tuned models "
                   "the chains start from (per task and optimizer); dotted lines: their mean.")
@@ -152,7 +152,7 @@ def _mask_label(opt: str, method: str) -> str:
 
 def transfer_mask_optimizer(df: pd.DataFrame, out: Path) -> Section:
     """P1 Table 6: a mask found by IMP with optimizer A, re-trained on the same task with optimizer B."""
-    sec = Section("2. Mask source x re-training optimizer (P1 Table 6)",
+    sec = Section("Mask source x re-training optimizer (P1 Table 6)",
                   "Transfers within a task: rows = the optimizer of the IMP chain that found the mask, "
                   "columns = the optimizer of the re-training run.")
     tr = _transfers(df)
@@ -210,7 +210,7 @@ def transfer_heatmap(df: pd.DataFrame, out: Path) -> Section:
     """P1 Figure 4: tickets (magnitude masks) moved from a source task to a target task (the diagonal: within the
     task); cell = mean target metric with the SAM ticket minus with the Adam ticket; one panel per re-training arm
     x sparsity."""
-    sec = Section("3. Ticket transfer across tasks (P1 Figure 4)",
+    sec = Section("Ticket transfer across tasks (P1 Figure 4)",
                   "Cell = mean target dev metric with the SAM-found ticket minus with the Adam-found ticket "
                   "(positive: SAM tickets transfer better); the diagonal: transfers within the task, where run; "
                   "n/a: no SAM/Adam pair. \"matched\": each ticket "
@@ -292,7 +292,7 @@ COFI_VALUES = {"teacher_metric": "parent_score", "pruned_metric": "score", "spar
 
 def cofi_table(df: pd.DataFrame, out: Path) -> Section:
     """P1 Table 2: CoFi structured pruning with distillation; only the teacher's optimizer differs."""
-    sec = Section("5. CoFi structured pruning (P1 Table 2)",
+    sec = Section("CoFi structured pruning (P1 Table 2)",
                   "Teacher = the fine-tuned model (its dev metric), pruned = the distilled, pruned and fine-tuned "
                   "student; real sparsity over the encoder's prunable weights; params = the student's parameters.")
     cofi = _best_of_search(_done(df, "cofi"), ["task"])  # also trials recorded as "structured", its alias

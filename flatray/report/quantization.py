@@ -46,7 +46,7 @@ PTQ_TITLES = {"float_metric": ("float", 4), "int8_metric": ("int8", 4), "drop": 
 
 def ptq_table(df: pd.DataFrame, out: Path) -> Section:
     """P1 Table 8: dynamic int8 quantization of the full fine-tuned model, per task and its optimizer."""
-    sec = Section("4. Post-training dynamic int8 quantization (P1 Table 8)",
+    sec = Section("Post-training dynamic int8 quantization (P1 Table 8)",
                   "Metric before (float) and after (int8) quantization, drop = float − int8, serialized size and "
                   "CPU latency per dev batch; rows by the optimizer the quantized model was fine-tuned with.")
     ptq = _best_of_search(_done(df, "ptq"), ["task"])
@@ -72,7 +72,7 @@ def ptq_table(df: pd.DataFrame, out: Path) -> Section:
 
 def squat_bits(df: pd.DataFrame, out: Path) -> Section:
     """P2: the dev metric of each quantization-aware method by weight bits, with the full-precision teacher."""
-    sec = Section("6. SQuAT by weight bits (P2)",
+    sec = Section("SQuAT by weight bits (P2)",
                   "SQuAT = SAM/ASAM on the latent weights alternating with LSQ step-size steps; SAM+LSQ joint = "
                   "the same without alternation; LSQ-QAT (+ KD) = Adam. Teacher: the full-precision model. "
                   "A hyperparameter search per teacher counts by its best trial.")
