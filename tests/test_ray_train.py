@@ -254,33 +254,40 @@ class ReportedEpochs:
         return Callback()
 
 
-def _restart(tmp_path, name, overrides_first, overrides_again, teacher):
-    """Two runs under one name: the second continues from the first's latest checkpoint, as a retried trial does.
-    Returns the first run's history and what the second run reported, as (epoch, phase) pairs."""
-    def cfg(extra):
-        return config.from_dict({
-            "model": teacher, "task": "toy", "data": {"max_train_samples": 64, "max_eval_samples": 64},
-            "train": {"batch_size": 32, "lr": 1e-3, "seed": 0}, "scaling": {"num_workers": 1},
-            "output": {"storage_path": str(tmp_path), "name": name}}, overrides=[f"{k}={v}" for k, v in extra.items()])
+def _restart(first_cfg, **changes):
+    """Run `first_cfg` again under its name with `changes`, as a retried trial does: Ray Train restores the first
+    run's latest checkpoint. The first run is the one an earlier test of this module made (made here when this test
+    runs alone). Returns the first run's history and what the second run reported, as (epoch, phase) pairs."""
+    from pathlib import Path
 
-    first = train.fit(cfg(overrides_first))
-    first_history = json.load(open(f"{first.checkpoint.path}/history.json"))
-    log = tmp_path / "reported.jsonl"
-    again = train.make_trainer(cfg(overrides_again), callbacks=[ReportedEpochs(str(log))]).fit()
+    folder = Path(first_cfg.storage_uri) / first_cfg.run_name
+    if not folder.exists():
+        train.fit(first_cfg)
+    (checkpoint,) = [p for p in folder.glob("checkpoint_*") if p.is_dir()]  # Ray keeps one
+    first_history = json.load(open(checkpoint / "history.json"))
+    again_cfg = config.from_dict(first_cfg.model_dump(mode="json"), overrides=[
+        f"output.name={first_cfg.run_name}", *(f"{k}={v}" for k, v in changes.items())])
+    log = folder.parent / f"{first_cfg.run_name}-reported.jsonl"
+    again = train.make_trainer(again_cfg, callbacks=[ReportedEpochs(str(log))]).fit()
     return first_history, [tuple(json.loads(line)) for line in log.read_text().splitlines()], again
 
 
-def test_a_restarted_cofi_run_continues_its_fine_tuning_phase(dense_run, tmp_path):
-    """CoFi through the one epoch loop: a run restarted under its name continues after its last checkpoint (the
-    pruned model of phase 2), without pruning again."""
+def test_a_restarted_cofi_run_continues_its_fine_tuning_phase(dense_run):
+    """CoFi through the one epoch loop: the run of test_structured_pruning_with_distillation_from_the_teacher,
+    restarted under its name with one more fine-tuning epoch, continues after its last checkpoint (the pruned model
+    of phase 2), without pruning again."""
     from flatray.methods import cofi
 
-    _, _, teacher_run = dense_run
+    tmp_path, _, teacher_run = dense_run
     (teacher_ckpt, _), = teacher_run.best_checkpoints
-    common = {"kind": "cofi", "cofi.target_sparsity": 0.5, "cofi.prune_epochs": 2, "cofi.lr_masks": 0.1,
-              "cofi.lr_lambdas": 0.1}
-    first, reported, again = _restart(tmp_path, "cofi", {**common, "cofi.finetune_epochs": 1},
-                                      {**common, "cofi.finetune_epochs": 2}, teacher_ckpt.path)
+    first_cfg = config.from_dict({
+        "kind": "structured", "model": teacher_ckpt.path, "task": "toy",
+        "train": {"batch_size": 32, "lr": 1e-3, "seed": 0}, "scaling": {"num_workers": 2},
+        "structured": {"target_sparsity": 0.5, "prune_epochs": 2, "finetune_epochs": 1, "lr_masks": 0.1,
+                       "lr_lambdas": 0.1},
+        "output": {"storage_path": str(tmp_path)},
+    })
+    first, reported, again = _restart(first_cfg, **{"cofi.finetune_epochs": 2})
     assert [(h["epoch"], h["phase"]) for h in first] == [(1, 1), (2, 1), (3, 2)]
     assert reported == [(4, 2)]  # only the new fine-tuning epoch ran
     assert again.metrics["params"] == first[-1]["params"]  # the same pruned model, restored
@@ -288,17 +295,24 @@ def test_a_restarted_cofi_run_continues_its_fine_tuning_phase(dense_run, tmp_pat
     assert sum(p.numel() for p in student.parameters()) == first[-1]["params"]
 
 
-def test_a_restarted_squat_run_continues_from_its_latent_weights(dense_run, tmp_path):
-    """SQuAT through the one epoch loop: the restarted run trains only the epochs its checkpoint lacks, and its
-    sharpness (measured at the end) is that of the best model, restored or new."""
-    _, _, teacher_run = dense_run
+def test_a_restarted_squat_run_continues_from_its_latent_weights(dense_run):
+    """SQuAT through the one epoch loop: the run of test_squat_sharpness_and_export_size_reach_the_summary...,
+    restarted under its name with a third epoch, trains that epoch only, then reports the best model with its
+    sharpness and the whole history."""
+    tmp_path, _, teacher_run = dense_run
     (teacher_ckpt, _), = teacher_run.best_checkpoints
-    common = {"kind": "squat", "optimizer.name": "sam", "train.lr": 1e-4, "squat.weight_bits": 4}
-    sharp = {"sharpness.enabled": True, "sharpness.dim": 5, "sharpness.samples": 16, "sharpness.max_iter": 2}
-    first, reported, again = _restart(tmp_path, "squat", {**common, "train.epochs": 1},
-                                      {**common, "train.epochs": 2, **sharp}, teacher_ckpt.path)
-    assert [h["epoch"] for h in first] == [1]
-    assert reported[0] == (2, None) and len(reported) == 2  # epoch 2, then the best model with its sharpness
+    first_cfg = config.from_dict({
+        "kind": "squat", "model": teacher_ckpt.path, "task": "toy",
+        "data": {"max_train_samples": 64, "max_eval_samples": 64},
+        "train": {"batch_size": 32, "lr": 1e-12, "epochs": 2, "seed": 0},
+        "optimizer": {"name": "sam", "rho": 0.05}, "scaling": {"num_workers": 1},
+        "squat": {"weight_bits": 4, "act_bits": 8, "lr_steps": 1e-12},
+        "sharpness": {"enabled": True, "dim": 5, "samples": 16, "max_iter": 2, "eps": [0.005]},
+        "output": {"storage_path": str(tmp_path)},
+    })
+    first, reported, again = _restart(first_cfg, **{"train.epochs": 3})
+    assert [h["epoch"] for h in first] == [1, 2]
+    assert reported[0] == (3, None) and len(reported) == 2  # epoch 3, then the best model with its sharpness
     history = json.load(open(f"{again.checkpoint.path}/history.json"))
-    assert [h["epoch"] for h in history] == [1, 2] and history[0] == first[0]  # epoch 1 restored, not re-run
+    assert [h["epoch"] for h in history] == [1, 2, 3] and history[:2] == first  # restored, not re-run
     assert "sharpness/eps=0.005" in again.metrics
