@@ -8,6 +8,7 @@ not at all. So a reader sees either no `summary.json` or a complete one, even if
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
@@ -70,8 +71,22 @@ def read_text(path: str) -> str | None:
     return None if data is None else data.decode()
 
 
+def strict_json(obj) -> str:
+    """JSON that every parser reads: a non-finite float (a NaN loss of an epoch without training) becomes null."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), indent=2, default=str, allow_nan=False)
+
+
 def write_json(path: str, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, default=str))
+    write_text(path, strict_json(obj))
 
 
 def read_json(path: str):

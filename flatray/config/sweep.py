@@ -11,6 +11,7 @@ what spans experiments (parents, what each parent produces, every experiment's r
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -21,7 +22,7 @@ DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class SearchSettings(Section):
@@ -41,7 +42,8 @@ class SearchSettings(Section):
                 raise ValueError(f"{key}: one of {', '.join(DOMAINS)} with its values, e.g. {{grid: [adam, sam]}}")
             kind, values = next(iter(domain.items()))
             if kind in ("uniform", "loguniform", "randint"):
-                if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or values[0] >= values[1]:
+                if (len(values) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+                        or values[0] >= values[1]):
                     raise ValueError(f"{key}: {kind} takes [low, high] with low < high, got {values}")
                 if kind == "loguniform" and values[0] <= 0:
                     raise ValueError(f"{key}: loguniform needs low > 0, got {values}")

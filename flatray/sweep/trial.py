@@ -7,6 +7,7 @@ import time
 
 from flatray import methods, storage
 from flatray.config import RunConfig
+from flatray.train.loop import DIVERGED
 
 
 def stopped_by_tune() -> bool:
@@ -20,6 +21,11 @@ def stopped_by_tune() -> bool:
         return session is None or session.stop_event.is_set()
     except (ImportError, AttributeError):
         return False
+
+
+def _cause(error: Exception) -> str:
+    """The error as summary.json keeps it: its type and message (Ray's text includes the worker's traceback)."""
+    return f"{type(error).__name__}: {error}"
 
 
 def run_trial(tune_config: dict) -> None:
@@ -37,6 +43,7 @@ def run_trial(tune_config: dict) -> None:
     # Retries are this loop rather than Ray Train's FailureConfig: each attempt is recorded (attempts.jsonl) and the
     # last error reaches summary.json; both restore the run's latest checkpoint the same way.
     for attempt in range(1, retries + 2):
+        error = None
         storage.append_line(storage.join(folder, "attempts.jsonl"), {"attempt": attempt, "start": time.time()})
         try:
             # Same name and storage as before: Ray Train restores the run's latest checkpoint, and the workers
@@ -49,11 +56,13 @@ def run_trial(tune_config: dict) -> None:
             error = err
             print(f"[flatray] trial {record['id']} ({record['experiment']}) attempt {attempt}/{retries + 1} "
                   f"failed: {str(err).splitlines()[0][:300]}", flush=True)
-    else:
+            if DIVERGED in str(err):  # a retry from the last checkpoint would diverge again
+                break
+    if error is not None:
         storage.write_json(storage.join(folder, "summary.json"), {
             "id": record["id"], "experiment": record["experiment"], "kind": record["kind"], "status": "failed",
-            "metrics": {}, "history": [], "checkpoint": None, "outputs": {}, "attempts": retries + 1,
-            "wall_s": time.time() - start, "ended": time.time(), "error": f"{type(error).__name__}: {error}"[:4000]})
+            "metrics": {}, "history": [], "checkpoint": None, "outputs": {}, "attempts": attempt,
+            "wall_s": time.time() - start, "ended": time.time(), "error": _cause(error)[:4000]})
         raise error
     storage.write_json(storage.join(folder, "summary.json"), summarize(record, result, attempt, time.time() - start))
 

@@ -13,6 +13,7 @@ from typing import Callable
 
 import yaml
 
+from flatray import storage
 from flatray.config import RunConfig
 
 HISTORY_FILE = "history.json"
@@ -20,9 +21,9 @@ HISTORY_FILE = "history.json"
 
 def write_run_files(folder: Path, cfg: RunConfig, metrics: dict, history: list[dict] | None = None) -> None:
     (folder / "flatray_run.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (folder / "metrics.json").write_text(storage.strict_json(metrics))
     if history is not None:
-        (folder / HISTORY_FILE).write_text(json.dumps(history, indent=2))
+        (folder / HISTORY_FILE).write_text(storage.strict_json(history))
 
 
 def save_model(folder: Path, module, tokenizer, cfg: RunConfig, metrics: dict, history: list[dict], masks=None,

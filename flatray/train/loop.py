@@ -20,6 +20,26 @@ import numpy as np
 from flatray.train.context import RunContext
 
 PROGRESS_EVERY_S = 30
+DIVERGED = "the run diverged"  # flatray.sweep.trial does not retry a run whose error says this
+
+
+class Diverged(RuntimeError):
+    """The loss or the weights became non-finite: the run stops at once and is never reported as done."""
+
+
+def _diverged(ctx: RunContext, where: str, what: str) -> Diverged:
+    cfg = ctx.cfg
+    return Diverged(f"{DIVERGED} at {where}: {what} (train.lr {cfg.train.lr}, optimizer {cfg.optimizer.name} rho "
+                    f"{cfg.optimizer.rho}, precision {cfg.deepspeed.precision}); try a lower train.lr or "
+                    f"optimizer.rho, or fp32")
+
+
+def _check_weights(ctx: RunContext, module, where: str) -> None:
+    import torch
+
+    bad = [name for name, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise _diverged(ctx, where, f"non-finite weights in {len(bad)} tensor(s), e.g. {bad[0]}")
 
 
 @dataclass
@@ -62,11 +82,15 @@ def run_phase(ctx: RunContext, phase: Phase, history: list[dict]) -> list[dict]:
             for i, batch in enumerate(phase.loader):
                 losses.append(phase.step({k: v.to(ctx.device) for k, v in batch.items()},
                                          (epoch - phase.epochs.start) * steps_per_epoch + i))
+                # fp16 may overflow a step's loss; the loss scaler then skips that step (the weights stay finite).
+                if not math.isfinite(losses[-1]) and ctx.cfg.deepspeed.precision != "fp16":
+                    raise _diverged(ctx, f"{phase.label} {epoch} step {i + 1}", f"loss {losses[-1]}")
                 if time.perf_counter() - last_note > PROGRESS_EVERY_S:
                     # Progress as plain lines: they read well in Ray's forwarded logs, files and CI alike.
                     last_note = time.perf_counter()
                     ctx.log(f"{phase.label} {epoch}/{phase.epochs[-1]} step {i + 1}/{steps_per_epoch} loss "
                             f"{np.mean(losses[-50:]):.4f} ({(i + 1) / (last_note - start):.2f} steps/s)")
+            _check_weights(ctx, engine.module, f"the end of {phase.label} {epoch}")
         metrics = phase.evaluate() if phase.evaluate else ctx.evaluate(engine.module)
         metrics.update(phase.metrics())
         metrics.update(epoch=epoch, train_loss=float(np.mean(losses)) if losses else float("nan"),

@@ -1,0 +1,75 @@
+"""Faults injected into real local sweeps (issue 12, started): a diverging run."""
+
+import json
+import math
+
+import pytest
+
+from flatray import config, sweep
+from flatray.sweep import graph
+
+DIVERGE = """
+name: diverge
+storage: {storage}
+wandb: {{mode: disabled}}
+defaults:
+  model: tiny-bert
+  task: toy
+  data: {{max_train_samples: 64, max_eval_samples: 32}}
+  train: {{epochs: 2, batch_size: 32, seed: 0}}
+  scaling: {{num_workers: 1}}
+experiments:
+  full:
+    kind: finetune
+    config: {{train: {{lr: 1.0e+30}}}}
+  imp:
+    kind: imp
+    parent: full
+    levels: 1
+    sparsity_step: 0.5
+"""
+
+
+def _strict(text: str):
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def diverged(tmp_path_factory):
+    import ray
+
+    tmp = tmp_path_factory.mktemp("faults")
+    path = tmp / "diverge.yaml"
+    path.write_text(DIVERGE.format(storage=tmp))
+    try:
+        outcomes = sweep.run(graph.load(path), path.read_text(), status_every_s=3600)
+        yield tmp / "diverge", outcomes
+    finally:
+        ray.shutdown()
+
+
+def test_a_diverged_run_fails_at_once_and_feeds_no_child(diverged):
+    root, outcomes = diverged
+    (record, summary), = outcomes.values()  # the IMP child never started
+    assert record["experiment"] == "full" and summary["status"] == "failed"
+    assert "the run diverged" in summary["error"] and "train.lr 1e+30" in summary["error"]
+    assert summary["attempts"] == 1  # not retried: it would diverge again
+    on_disk = _strict((root / record["id"] / "summary.json").read_text())
+    assert on_disk["status"] == "failed"
+    assert [p.name for p in root.iterdir() if (p / "trial.json").exists()] == [record["id"]]
+
+
+@pytest.mark.parametrize("value", ["inf", ".nan", "-.inf"])
+def test_non_finite_hyperparameters_are_rejected_before_anything_runs(value):
+    with pytest.raises(config.ConfigError, match="train.lr.*finite"):
+        config.from_dict({"model": "tiny-bert", "task": "toy"}, overrides=[f"train.lr={value}"])
+
+
+def test_result_files_are_strict_json():
+    from flatray import storage
+
+    text = storage.strict_json({"train_loss": float("nan"), "history": [{"x": math.inf}], "ok": 1.5})
+    assert _strict(text) == {"train_loss": None, "history": [{"x": None}], "ok": 1.5}
