@@ -73,3 +73,28 @@ def test_result_files_are_strict_json():
 
     text = storage.strict_json({"train_loss": float("nan"), "history": [{"x": math.inf}], "ok": 1.5})
     assert _strict(text) == {"train_loss": None, "history": [{"x": None}], "ok": 1.5}
+
+
+# Ray Train's text for a failed run, as a real sweep wrote it (paths shortened): its first line names no cause.
+RAY_FAILURE = """WorkerGroupError: Training failed due to worker errors:
+[Rank 1 Error Snippet]:
+Traceback (most recent call last):
+  File "flatray/train/context.py", line 167, in train_worker
+    method.load_run()(ctx)
+  File "flatray/train/context.py", line 131, in train_loader
+    raise ValueError(f"train set of {len(train)} examples gives no full batch of {self.cfg.train.batch_size}")
+ValueError: train set of 8 examples gives no full batch of 16
+"""
+
+
+def test_the_root_cause_of_a_failure_comes_first():
+    from flatray.sweep.trial import root_cause
+
+    assert root_cause(RAY_FAILURE) == "ValueError (rank 1): train set of 8 examples gives no full batch of 16"
+    assert root_cause("OSError: disk full") == "OSError: disk full"
+
+
+def test_the_diverged_trial_shows_its_cause_first(diverged):
+    _, outcomes = diverged
+    (_, summary), = outcomes.values()
+    assert summary["error"].splitlines()[0].startswith("Diverged (rank 0): the run diverged at epoch 1 step")

@@ -67,7 +67,7 @@ def results_table(outcomes: dict[str, tuple[dict, dict]], order: list[str] = ())
                 details.append(fmt.format(m[key]))
         details += [f"{k.split('/')[1]} {v:.4g}" for k, v in m.items() if k.startswith("sharpness/")]
         if summary.get("status") == "failed" and summary.get("error"):
-            details.append(str(summary["error"]).splitlines()[0][:60])
+            details.append(str(summary["error"]).splitlines()[0][:120])
         point = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in record.get("point", {}).items())
         score = f"{m['score']:.4f}" if isinstance(m.get("score"), (int, float)) else "-"
         rows.append((record.get("experiment", "?"), record.get("id") or "-", point or "-", summary.get("status", "?"),

@@ -3,6 +3,7 @@ and the trial's `summary.json` (written atomically at the end: its presence mean
 
 from __future__ import annotations
 
+import re
 import time
 
 from flatray import methods, storage
@@ -23,9 +24,29 @@ def stopped_by_tune() -> bool:
         return False
 
 
+def root_cause(text: str) -> str:
+    """The first worker's exception in Ray Train's failure text ("ValueError (rank 0): ..."), whose own first line
+    only says "Training failed due to worker errors:"; the text itself when it holds no worker traceback."""
+    rank = re.search(r"\[Rank (\d+) Error Snippet\]", text)
+    block = text[rank.end():] if rank else text
+    found = None
+    for line in block.splitlines():
+        if line.startswith("[Rank "):
+            break  # the next worker's snippet
+        exc = re.match(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Diverged|Exit)): (.*)", line)
+        if exc:
+            found = exc
+    if not found:
+        return text.strip().splitlines()[0] if text.strip() else text
+    where = f" (rank {rank.group(1)})" if rank else ""
+    return f"{found.group(1).rsplit('.', 1)[-1]}{where}: {found.group(2)}"
+
+
 def _cause(error: Exception) -> str:
-    """The error as summary.json keeps it: its type and message (Ray's text includes the worker's traceback)."""
-    return f"{type(error).__name__}: {error}"
+    """The error as summary.json keeps it: the root cause first (the console and the results table show the first
+    line), then Ray's whole text with the worker's traceback."""
+    text = f"{type(error).__name__}: {error}"
+    return f"{root_cause(text)}\n{text}"
 
 
 def run_trial(tune_config: dict) -> None:
@@ -55,7 +76,7 @@ def run_trial(tune_config: dict) -> None:
                 raise  # not a failure: the next run of the sweep continues this trial from its checkpoint
             error = err
             print(f"[flatray] trial {record['id']} ({record['experiment']}) attempt {attempt}/{retries + 1} "
-                  f"failed: {str(err).splitlines()[0][:300]}", flush=True)
+                  f"failed: {root_cause(f'{type(err).__name__}: {err}')[:300]}", flush=True)
             if DIVERGED in str(err):  # a retry from the last checkpoint would diverge again
                 break
     if error is not None:
