@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import ray.train
 import torch
 
 from flatray import config, train
@@ -132,19 +133,40 @@ def test_ptq_and_sharpness_of_a_finished_run(dense_run):
     assert sharp.metrics["validation/accuracy"] == parent_metrics["validation/accuracy"]
 
 
-def test_structured_pruning_with_distillation_from_the_teacher(dense_run):
-    """CoFi on Ray Train: the fine-tuned run is the teacher; the saved student is physically smaller."""
-    from flatray.methods import cofi
-
+def cofi_run_config(dense_run):
+    """CoFi from the dense run as teacher (a test runs it; a later test restarts it)."""
     tmp_path, _, teacher_run = dense_run
     (teacher_ckpt, _), = teacher_run.best_checkpoints
-    result = train.fit(config.from_dict({
+    return config.from_dict({
         "kind": "structured", "model": teacher_ckpt.path, "task": "toy",
         "train": {"batch_size": 32, "lr": 1e-3, "seed": 0}, "scaling": {"num_workers": 2},
         "structured": {"target_sparsity": 0.5, "prune_epochs": 2, "finetune_epochs": 1, "lr_masks": 0.1,
                        "lr_lambdas": 0.1},
         "output": {"storage_path": str(tmp_path)},
-    }))
+    })
+
+
+def squat_sharpness_config(dense_run):
+    """SQuAT at lr ~ 0 with sharpness at the end (a test runs it; a later test restarts it)."""
+    tmp_path, _, teacher_run = dense_run
+    (teacher_ckpt, _), = teacher_run.best_checkpoints
+    return config.from_dict({
+        "kind": "squat", "model": teacher_ckpt.path, "task": "toy",
+        "data": {"max_train_samples": 64, "max_eval_samples": 64},
+        "train": {"batch_size": 32, "lr": 1e-12, "epochs": 2, "seed": 0},
+        "optimizer": {"name": "sam", "rho": 0.05}, "scaling": {"num_workers": 1},
+        "squat": {"weight_bits": 4, "act_bits": 8, "lr_steps": 1e-12},
+        "sharpness": {"enabled": True, "dim": 5, "samples": 16, "max_iter": 2, "eps": [0.005]},
+        "output": {"storage_path": str(tmp_path)},
+    })
+
+
+def test_structured_pruning_with_distillation_from_the_teacher(dense_run):
+    """CoFi on Ray Train: the fine-tuned run is the teacher; the saved student is physically smaller."""
+    from flatray.methods import cofi
+
+    (teacher_ckpt, _), = dense_run[2].best_checkpoints
+    result = train.fit(cofi_run_config(dense_run))
     (ckpt, metrics), = result.best_checkpoints
     student = cofi.load_pruned(ckpt.path)
     from transformers import AutoModelForSequenceClassification
@@ -191,17 +213,8 @@ def test_squat_sharpness_and_export_size_reach_the_summary_when_an_earlier_epoch
     is summary.json's metrics)."""
     from flatray import sweep
 
-    tmp_path, _, teacher_run = dense_run
-    (teacher_ckpt, _), = teacher_run.best_checkpoints
-    result = train.fit(config.from_dict({
-        "kind": "squat", "model": teacher_ckpt.path, "task": "toy",
-        "data": {"max_train_samples": 64, "max_eval_samples": 64},
-        "train": {"batch_size": 32, "lr": 1e-12, "epochs": 2, "seed": 0},
-        "optimizer": {"name": "sam", "rho": 0.05}, "scaling": {"num_workers": 1},
-        "squat": {"weight_bits": 4, "act_bits": 8, "lr_steps": 1e-12},
-        "sharpness": {"enabled": True, "dim": 5, "samples": 16, "max_iter": 2, "eps": [0.005]},
-        "output": {"storage_path": str(tmp_path)},
-    }))
+    tmp_path = dense_run[0]
+    result = train.fit(squat_sharpness_config(dense_run))
     history = json.load(open(f"{result.checkpoint.path}/history.json"))
     assert [h["epoch"] for h in history] == [1, 2] and history[1]["score"] == history[0]["score"]
     record = {"id": "t", "experiment": "squat", "kind": "squat", "dir": str(tmp_path / "t")}
@@ -240,18 +253,15 @@ def test_a_run_restarted_under_its_name_continues_from_its_checkpoint(tmp_path, 
     assert "sharpness/eps=0.005" in again.metrics
 
 
-class ReportedEpochs:
-    """A Ray Train callback (it runs in Train's controller) that writes each report's (epoch, phase) to a file."""
+def ReportedEpochs(path):
+    """A Ray Train callback (it runs in Train's controller) that writes each report's (epoch, phase) to a file.
+    Defined in a function: the controller unpickles it by value, as it cannot import this test module."""
+    class Callback(ray.train.UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(path, "a") as f:
+                f.write(json.dumps([metrics[0].get("epoch"), metrics[0].get("phase")]) + "\n")
 
-    def __new__(cls, path):
-        import ray.train
-
-        class Callback(ray.train.UserCallback):
-            def after_report(self, run_context, metrics, checkpoint):
-                with open(path, "a") as f:
-                    f.write(json.dumps([metrics[0].get("epoch"), metrics[0].get("phase")]) + "\n")
-
-        return Callback()
+    return Callback()
 
 
 def _restart(first_cfg, **changes):
@@ -278,16 +288,7 @@ def test_a_restarted_cofi_run_continues_its_fine_tuning_phase(dense_run):
     of phase 2), without pruning again."""
     from flatray.methods import cofi
 
-    tmp_path, _, teacher_run = dense_run
-    (teacher_ckpt, _), = teacher_run.best_checkpoints
-    first_cfg = config.from_dict({
-        "kind": "structured", "model": teacher_ckpt.path, "task": "toy",
-        "train": {"batch_size": 32, "lr": 1e-3, "seed": 0}, "scaling": {"num_workers": 2},
-        "structured": {"target_sparsity": 0.5, "prune_epochs": 2, "finetune_epochs": 1, "lr_masks": 0.1,
-                       "lr_lambdas": 0.1},
-        "output": {"storage_path": str(tmp_path)},
-    })
-    first, reported, again = _restart(first_cfg, **{"cofi.finetune_epochs": 2})
+    first, reported, again = _restart(cofi_run_config(dense_run), **{"cofi.finetune_epochs": 2})
     assert [(h["epoch"], h["phase"]) for h in first] == [(1, 1), (2, 1), (3, 2)]
     assert reported == [(4, 2)]  # only the new fine-tuning epoch ran
     assert again.metrics["params"] == first[-1]["params"]  # the same pruned model, restored
@@ -299,18 +300,7 @@ def test_a_restarted_squat_run_continues_from_its_latent_weights(dense_run):
     """SQuAT through the one epoch loop: the run of test_squat_sharpness_and_export_size_reach_the_summary...,
     restarted under its name with a third epoch, trains that epoch only, then reports the best model with its
     sharpness and the whole history."""
-    tmp_path, _, teacher_run = dense_run
-    (teacher_ckpt, _), = teacher_run.best_checkpoints
-    first_cfg = config.from_dict({
-        "kind": "squat", "model": teacher_ckpt.path, "task": "toy",
-        "data": {"max_train_samples": 64, "max_eval_samples": 64},
-        "train": {"batch_size": 32, "lr": 1e-12, "epochs": 2, "seed": 0},
-        "optimizer": {"name": "sam", "rho": 0.05}, "scaling": {"num_workers": 1},
-        "squat": {"weight_bits": 4, "act_bits": 8, "lr_steps": 1e-12},
-        "sharpness": {"enabled": True, "dim": 5, "samples": 16, "max_iter": 2, "eps": [0.005]},
-        "output": {"storage_path": str(tmp_path)},
-    })
-    first, reported, again = _restart(first_cfg, **{"train.epochs": 3})
+    first, reported, again = _restart(squat_sharpness_config(dense_run), **{"train.epochs": 3})
     assert [h["epoch"] for h in first] == [1, 2]
     assert reported[0] == (3, None) and len(reported) == 2  # epoch 3, then the best model with its sharpness
     history = json.load(open(f"{again.checkpoint.path}/history.json"))

@@ -37,8 +37,10 @@ def _diverged(ctx: RunContext, where: str, what: str) -> Diverged:
 def _check_weights(ctx: RunContext, module, where: str) -> None:
     import torch
 
-    bad = [name for name, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
-    if bad:
+    named = list(module.named_parameters())
+    finite = torch.stack([torch.isfinite(p).all() for _, p in named])  # one device sync, not one per tensor
+    if not bool(finite.all()):
+        bad = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
         raise _diverged(ctx, where, f"non-finite weights in {len(bad)} tensor(s), e.g. {bad[0]}")
 
 
