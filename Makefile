@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.flatray-installed
 
-.PHONY: test smoke bench gpu-check clean-venv
+.PHONY: test test-faults smoke bench gpu-check clean-venv
 .DEFAULT_GOAL := test
 
 $(STAMP): pyproject.toml constraints.txt
@@ -29,7 +29,11 @@ smoke: $(STAMP)
 	fi
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+# The second CI stage: the tests marked slow (faults injected into real sweeps, multi-node and autoscaling clusters).
+test-faults: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 bench: $(STAMP)
 	$(PY) bench/step_cost.py
