@@ -118,6 +118,57 @@ def list_files(folder: str) -> list[str]:
     return [i.base_name for i in infos if i.type == pyarrow.fs.FileType.File]
 
 
+def list_dirs(folder: str) -> list[str]:
+    """Names of the folders directly in `folder`."""
+    import pyarrow.fs
+
+    fs, key = _fs(folder)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(key, allow_not_found=True))
+    return [i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory]
+
+
+def local_dir(root: str) -> Path:
+    """The local side of a sweep folder: the folder itself, or, for a cloud one, a local folder named after its
+    URI (results/cloud/s3/BUCKET/PREFIX/SWEEP). W&B's offline runs and the report's figures are written there:
+    both libraries write local files."""
+    if "://" not in root:
+        return Path(root)
+    scheme, rest = root.split("://", 1)
+    return Path("results", "cloud", scheme, *rest.strip("/").split("/"))
+
+
+def local_copy(uri: str) -> str:
+    """A cloud file or folder copied to this machine once (under $FLATRAY_CACHE/remote/, named after the URI), for
+    the libraries that read only local paths (from_pretrained, safetensors); a local path is returned as it is.
+    Workers of one node that copy the same URI at once race safely (publish_folder)."""
+    if "://" not in uri:
+        return uri
+    import tempfile
+
+    import pyarrow.fs
+
+    scheme, rest = uri.split("://", 1)
+    cache = Path(os.environ.get("FLATRAY_CACHE", Path.home() / ".cache" / "flatray"))
+    target = cache.joinpath("remote", scheme, *rest.strip("/").split("/"))
+    if target.exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fs, key = _fs(uri)
+    info = fs.get_file_info(key)
+    if info.type == pyarrow.fs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri}: no such file or folder")
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".copy-"))
+    if info.type == pyarrow.fs.FileType.File:
+        (tmp / "file").write_bytes(read_bytes(uri))
+        os.replace(tmp / "file", target)
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        pyarrow.fs.copy_files(key, str(tmp), source_filesystem=fs,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+        publish_folder(tmp, target)
+    return str(target)
+
+
 def publish_folder(tmp: Path, target: Path) -> bool:
     """Move a folder built in full at `tmp` (same filesystem) to `target` in one rename, so that concurrent
     builders race safely: False when another process published `target` first (`tmp` is then removed)."""
@@ -127,3 +178,13 @@ def publish_folder(tmp: Path, target: Path) -> bool:
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         return False
+
+
+def delete(path: str) -> None:
+    """Remove a file; nothing happens when it is not there."""
+    fs, key = _fs(path)
+    try:
+        fs.delete_file(key)
+    except OSError as err:
+        if not _missing(err):
+            raise

@@ -40,8 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
-from flatray import methods
+from flatray import methods, storage
 from flatray.report.load import SUMMARY_COLUMNS, ReportWarning, _warn, load_trials, resolve
 from flatray.report.quantization import SQUAT_TEACHER  # the label of squat_bits' teacher rows
 from flatray.report.tables import DASH, Section, _markdown
@@ -67,8 +68,6 @@ def _status_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def _sweep_file(root: Path) -> dict:
     """<root>/sweep.yaml, the sweep file as run (raises when it is missing or unreadable)."""
-    import yaml
-
     return yaml.safe_load((root / "sweep.yaml").read_text()) or {}
 
 
@@ -82,11 +81,11 @@ def _sweep_name(root: Path, df: pd.DataFrame) -> str:
     return str(names[0])
 
 
-def _write_readme(out: Path, root: Path, sweep: str, df: pd.DataFrame, sections: list[Section]) -> None:
+def _write_readme(out: Path, root: str, sweep: str, df: pd.DataFrame, sections: list[Section]) -> None:
     status = _status_table(df)
     n_done = int((df["status"] == "done").sum()) if not df.empty else 0
     lines = [f"# Report: sweep `{sweep}`", "",
-             f"{root.resolve()} — {len(df)} trials, {n_done} finished, {len(df) - n_done} missing "
+             f"{root} — {len(df)} trials, {n_done} finished, {len(df) - n_done} missing "
              f"(generated {datetime.now():%Y-%m-%d %H:%M}).", "",
              "Cells: mean ± sample std (ddof=1) over the trials of the cell (the seeds), and their number (n); "
              f"{DASH} = no finished trial. Metrics as the runs report them (the task's main dev metric). "
@@ -118,7 +117,8 @@ def report(root: str | Path, wandb_settings: Any = None) -> Path:
     """Write the figures and tables of the sweep folder `root` to `<root>/report/` and return that folder.
     `wandb_settings`: the sweep file's `wandb` section (a dict or flatray.config.sweep.WandbSettings) to log them to
     W&B too; None or mode disabled: no W&B."""
-    root = Path(root)
+    cloud = str(root) if "://" in str(root) else None
+    root = _download(cloud) if cloud else Path(root)
     out = root / "report"
     out.mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("*.png"), *out.glob("*.csv"), *out.glob("*.md")]:
@@ -149,23 +149,43 @@ def report(root: str | Path, wandb_settings: Any = None) -> Path:
     for sec in sections:
         for name, md in sec.markdown.items():
             (out / f"{name}.md").write_text(f"# {sec.title}\n\n{md}\n")
-    _write_readme(out, root, sweep, df, sections)
+    _write_readme(out, cloud or str(root.resolve()), sweep, df, sections)
     figures = [name for sec in sections for name in sec.figures]
     log_to_wandb(root, sweep, out, figures, tables, wandb_settings)
+    if cloud:  # the report lives with the sweep: <root>/report/ in the bucket too
+        for file in sorted(out.iterdir()):
+            storage.write_bytes(storage.join(cloud, "report", file.name), file.read_bytes())
     return out
+
+
+def _download(root: str) -> Path:
+    """What the report reads of a cloud sweep folder (sweep.yaml, every trial.json and summary.json; no
+    checkpoints) copied to its local side (flatray.storage.local_dir), which is returned."""
+    local = storage.local_dir(root)
+    names = ["sweep.yaml"] + [f"{tid}/{name}" for tid in storage.list_dirs(root)
+                              for name in ("trial.json", "summary.json")]
+    for name in names:
+        data = storage.read_bytes(storage.join(root, name))
+        if data is not None:
+            (local / name).parent.mkdir(parents=True, exist_ok=True)
+            (local / name).write_bytes(data)
+    return local
 
 
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def _sweep_wandb(root: Path) -> dict:
+def _sweep_wandb(root: str) -> dict:
     """The sweep file's wandb section (<root>/sweep.yaml, as run), or the defaults."""
     try:
-        return dict(_sweep_file(root).get("wandb") or {})
+        text = storage.read_text(storage.join(root, "sweep.yaml"))
+        if text is None:
+            raise FileNotFoundError(root)
+        return dict((yaml.safe_load(text) or {}).get("wandb") or {})
     except FileNotFoundError:
         return {}
     except Exception as err:
-        _warn(f"{root / 'sweep.yaml'}: unreadable ({err}); W&B with the default settings")
+        _warn(f"{storage.join(root, 'sweep.yaml')}: unreadable ({err}); W&B with the default settings")
         return {}
 
 
@@ -178,17 +198,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("root", help="the sweep folder, STORAGE/SWEEP (holds <id>/trial.json, <id>/summary.json)")
     parser.add_argument("--no-wandb", action="store_true", help="do not log the report to W&B")
     args = parser.parse_args(argv)
-    root = Path(args.root)
-    if "://" in args.root:
-        print(f"error: {args.root}: a local folder is needed (copy the sweep folder down first)", file=sys.stderr)
+    cloud = "://" in args.root
+    if cloud and storage.read_bytes(storage.join(args.root, "sweep.yaml")) is None:
+        print(f"error: {args.root}: no sweep.yaml there (expected STORAGE/SWEEP, e.g. s3://bucket/sweeps/smoke)",
+              file=sys.stderr)
         return 2
-    if not root.is_dir():
-        print(f"error: {root}: no such folder (expected STORAGE/SWEEP, e.g. results/sweeps/smoke)", file=sys.stderr)
+    if not cloud and not Path(args.root).is_dir():
+        print(f"error: {args.root}: no such folder (expected STORAGE/SWEEP, e.g. results/sweeps/smoke)",
+              file=sys.stderr)
         return 2
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning
-        out = report(root, None if args.no_wandb else _sweep_wandb(root))
-    print(f"report written to {out / 'README.md'}")
+        out = report(args.root, None if args.no_wandb else _sweep_wandb(args.root))
+    print(f"report written to {out / 'README.md'}"
+          + (f" (and to {storage.join(args.root, 'report')})" if cloud else ""))
     return 0
 
 
