@@ -36,18 +36,46 @@ def _missing(err: OSError) -> bool:
     return isinstance(err, FileNotFoundError) or "not found" in text or "does not exist" in text
 
 
+class StorageError(OSError):
+    """A write to the sweep's storage failed (a full disk, no permission, an object store refusing): the message
+    names the path, the reason and, for a local folder, the free space."""
+
+
+def free_space(path: str) -> str:
+    """ "N MiB free on MOUNT" for a local path (its nearest existing folder); "" for a cloud URI."""
+    if "://" in path:
+        return ""
+    folder = Path(path).resolve()
+    while not folder.exists():
+        folder = folder.parent
+    usage = shutil.disk_usage(folder)
+    return f"{usage.free / 2 ** 20:.1f} MiB free of {usage.total / 2 ** 20:.0f} MiB"
+
+
+def _failed(path: str, err: OSError) -> StorageError:
+    reason = os.strerror(err.errno) if err.errno else str(err.strerror or err)  # pyarrow's own text is long
+    free = free_space(path)
+    return StorageError(f"{reason}{f' ({free})' if free else ''}: cannot write {path}")
+
+
 def write_bytes(path: str, data: bytes) -> None:
+    """Write a file whole, or raise StorageError and leave nothing behind (not even a partial temporary file)."""
     fs, key = _fs(path)
     parent = key.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    if "://" in path:  # an object store publishes an object whole
-        with fs.open_output_stream(key) as f:
-            f.write(data)
-        return
     tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    fs.move(tmp, key)  # a rename: atomic on one filesystem
+    try:
+        fs.create_dir(parent, recursive=True)
+        if "://" in path:  # an object store publishes an object whole
+            with fs.open_output_stream(key) as f:
+                f.write(data)
+            return
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, key)  # a rename: atomic on one filesystem
+    except OSError as err:
+        if "://" not in path and os.path.exists(tmp):
+            os.remove(tmp)
+        raise _failed(path, err) from None
 
 
 def read_bytes(path: str) -> bytes | None:

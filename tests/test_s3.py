@@ -156,3 +156,18 @@ def test_the_report_cli_reads_an_s3_sweep(s3):
     assert f"(and to {ROOT}/report)" in out.getvalue()
     readme = s3["client"].get_object(Bucket=BUCKET, Key=f"{PREFIX}/s3sweep/report/README.md")["Body"].read().decode()
     assert ROOT in readme and "3 trials, 3 finished" in readme
+
+
+def test_the_lock_on_s3_refuses_a_second_driver_and_takes_over_a_silent_one(s3):
+    from flatray import storage
+    from flatray.sweep.lock import LOCK_FILE, SweepLock, SweepLocked
+
+    root = f"s3://{BUCKET}/{PREFIX}/locked"
+    with SweepLock(root):
+        with pytest.raises(SweepLocked, match="the sweep is already running"):
+            SweepLock(root).acquire()
+    assert storage.read_bytes(storage.join(root, LOCK_FILE)) is None  # released
+    silent = {"host": "elsewhere", "pid": 1, "token": "old", "started": 0, "refreshed": 0}  # never refreshed since
+    storage.write_json(storage.join(root, LOCK_FILE), silent)
+    with SweepLock(root) as lock:
+        assert storage.read_json(storage.join(root, LOCK_FILE))["token"] == lock.me["token"]

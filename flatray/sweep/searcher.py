@@ -21,6 +21,7 @@ from flatray.sweep.graph import make_record, order
 from flatray.sweep.points import Points
 
 log = logging.getLogger("flatray.sweep")
+DIED = "the trial's process died"
 
 
 class SweepSearcher(Searcher):
@@ -43,6 +44,7 @@ class SweepSearcher(Searcher):
         self.fed_best: set[str] = set()
         self.stopped: set[str] = set()  # Tune trial ids the scheduler stopped early (SweepScheduler adds them)
         self.skipped = 0  # finished in an earlier run of the sweep
+        self.tune_ids: dict[str, str] = {}  # Tune trial id -> flatray trial id
 
     # Tune checkpoints searchers; the sweep resumes from its trial folders instead.
     def save(self, checkpoint_path: str) -> None:
@@ -57,12 +59,15 @@ class SweepSearcher(Searcher):
             if item is None:
                 return self.FINISHED if self._complete_all() else None
             record = item[0]
-            summary = storage.read_json(storage.join(record["dir"], "summary.json"))
+            summary = self._read(record, "summary.json", "the trial runs again (it continues from its checkpoint)")
             if summary and summary.get("status") in ("done", "stopped"):
                 self.skipped += 1  # finished before: not run again, but its children are released
+                if self._read(record, "trial.json", "rewritten from the sweep file") is None:
+                    self._write(storage.join(record["dir"], "trial.json"), record)
                 self._finish(item, summary)
                 continue
             self.running[trial_id] = item
+            self.tune_ids[trial_id] = record["id"]
             return {"flatray": record, "retries": self.sweep.experiments[record["experiment"]].retries}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -79,9 +84,37 @@ class SweepSearcher(Searcher):
                        "status": "failed" if error else "stopped",
                        "metrics": {k: v for k, v in (result or {}).items() if isinstance(v, (int, float))},
                        "history": [], "checkpoint": None, "outputs": {}, "ended": time.time(),
-                       "error": "the trial's process died" if error else None}
-            storage.write_json(path, summary)
+                       "error": DIED if error else None}
+            self._write(path, summary)
         self._finish(item, summary)
+
+    def explain_failure(self, trial_id: str, error_text: str) -> None:
+        """The error Tune caught for a failed trial whose summary says no more than DIED (its process was killed,
+        or its storage was full): the root cause goes to the results table and, if it can be written, summary.json."""
+        from flatray.sweep.trial import root_cause
+
+        outcome = self.outcomes.get(self.tune_ids.get(trial_id, ""))
+        if outcome and outcome[1].get("error") == DIED and error_text.strip():
+            outcome[1]["error"] = f"{root_cause(error_text)}\n{error_text}"[:4000]
+            self._write(storage.join(outcome[0]["dir"], "summary.json"), outcome[1])
+
+    def _read(self, record: dict, name: str, then: str) -> dict | None:
+        """A trial file, or None when it is missing; a corrupt one (a torn write) is reported and counts as missing."""
+        path = storage.join(record["dir"], name)
+        text = storage.read_text(path)
+        try:
+            return None if text is None else json.loads(text)
+        except json.JSONDecodeError as err:
+            print(f"[flatray] warning: {path} is corrupt ({err.msg} at character {err.pos} of {len(text)}): {then}",
+                  flush=True)
+            return None
+
+    def _write(self, path: str, obj: dict) -> None:
+        """A file of the driver's own; a storage fault loses only that file, never the sweep."""
+        try:
+            storage.write_json(path, obj)
+        except storage.StorageError as err:
+            log.warning("%s", err)
 
     # ---------------------------------------------------------------------------------------------------------
 

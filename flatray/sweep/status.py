@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,9 @@ class Status(Callback):
         self._print()
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        if trial.error_file and os.path.exists(trial.error_file):  # Tune's text of the error (its own local file)
+            with open(trial.error_file) as f:
+                self.searcher.explain_failure(trial.trial_id, f.read().rsplit("Failure # ", 1)[-1].split("\n", 1)[-1])
         self._print()
 
 
