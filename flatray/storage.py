@@ -133,8 +133,24 @@ def append_line(path: str, obj) -> None:
 
 
 def read_lines(path: str) -> list:
-    text = read_text(path)
-    return [json.loads(line) for line in (text or "").splitlines() if line.strip()]
+    """The JSON lines of `path` ([] when missing); a torn line (a writer killed mid-write) is left out."""
+    lines = []
+    for line in (read_text(path) or "").splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return lines
+
+
+def delete_dir(path: str) -> None:
+    """Remove a folder and everything in it; nothing happens when it is not there."""
+    fs, key = _fs(path)
+    try:
+        fs.delete_dir(key)
+    except OSError as err:
+        if not _missing(err):
+            raise
 
 
 def list_files(folder: str) -> list[str]:

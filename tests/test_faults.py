@@ -98,3 +98,16 @@ def test_the_diverged_trial_shows_its_cause_first(diverged):
     _, outcomes = diverged
     (_, summary), = outcomes.values()
     assert summary["error"].splitlines()[0].startswith("Diverged (rank 0): the run diverged at epoch 1 step")
+
+
+def test_a_failure_names_the_workers_log_in_its_summary_and_in_the_results_table(diverged):
+    from flatray.sweep.status import results_table
+
+    _, outcomes = diverged
+    (record, summary), = outcomes.values()
+    log = summary["log"]
+    assert log and log.endswith(".err") and "/logs/worker-" in log
+    assert "Diverged: the run diverged" in open(log).read()  # the worker's traceback
+    table = results_table(outcomes, ["full", "imp"])
+    assert f"  full {record['id']}: Diverged (rank 0): the run diverged at epoch 1 step" in table
+    assert f"    worker log: {log}" in table

@@ -414,6 +414,7 @@ def test_wandb_mode(monkeypatch):
     assert rep.wandb_mode({"mode": "disabled"}) is None
     assert rep.wandb_mode({"mode": "auto"}) == "offline"
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # a closed loopback port: no traffic leaves
     assert rep.wandb_mode({"mode": "auto"}) in ("online", "offline")  # online only when W&B is reachable
     assert rep.wandb_mode({"mode": "online"}) == "online"
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -12,10 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
-from flatray.config.errors import ConfigError, explain, parse_overrides, set_dotted
+from flatray.config.errors import ConfigError, exists, explain, parse_overrides, read_mapping, set_dotted
 from flatray.config.run import (CoFiConfig, DataConfig, DeepSpeedConfig, OptimizerConfig, OutputConfig, PruneConfig,
                                  PTQConfig, RunConfig, ScalingConfig, SharpnessConfig, SquatConfig, TrainConfig,
                                  trial_id)
@@ -42,13 +41,10 @@ def from_dict(raw: Any, source: str = "<dict>", overrides: list[str] = ()) -> Ru
 def load(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
     """Load and validate a run YAML. A bare name (e.g. 'smoke') loads flatray/recipes/<name>.yaml."""
     path = Path(path)
-    if not path.exists() and path.suffix == "" and (RECIPES / f"{path}.yaml").exists():
+    if not exists(path) and path.suffix == "" and exists(RECIPES / f"{path}.yaml"):
         path = RECIPES / f"{path}.yaml"
-    if not path.exists():
+    if not exists(path):
         names = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
         raise ConfigError(f"run file {str(path)!r} not found (built-in recipes: {names})")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"invalid run config ({path}): not valid YAML: {err}") from None
+    raw = read_mapping(path, "run config", example="model: tiny-bert, task: toy")
     return from_dict(raw, str(path), overrides)

@@ -16,6 +16,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from flatray import methods
+from flatray.config.errors import exists
 from flatray.data.tasks import TASKS
 
 
@@ -45,7 +46,10 @@ class TrainConfig(Section):
     schedule: Literal["linear", "constant"] = "linear"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0, le=2**32 - 1)  # numpy's seeds are 32-bit
+    checkpoint_every_steps: int | None = Field(
+        None, gt=0, description="also checkpoint every N optimizer steps of a phase (default: at epoch ends only); "
+        "the result does not depend on it (a resumed run ends bit-identical), so it is not part of the run hash")
 
 
 class OptimizerConfig(Section):
@@ -86,9 +90,17 @@ class DeepSpeedConfig(Section):
 
 
 class ScalingConfig(Section):
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(1, ge=1, le=10_000)
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = Field(None, description='e.g. {CPU: 4, GPU: 1}')
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _resources(cls, resources):
+        # Ray rejects these only once it has started; memory is in bytes, hence the wide upper bound
+        if resources is not None and not all(name and 0 <= amount <= 1e15 for name, amount in resources.items()):
+            raise ValueError("a mapping of Ray resource names to amounts in [0, 1e15], e.g. {CPU: 4, GPU: 1}")
+        return resources
 
 
 class PruneConfig(Section):
@@ -290,14 +302,14 @@ def _check_cross_field(cfg: RunConfig) -> None:
             _fail("data.data_files", sorted(cfg.data.data_files), f"the splits {needed} (missing {missing})")
         for split, files in cfg.data.data_files.items():
             for f in [files] if isinstance(files, str) else files:
-                if "://" not in f and not Path(f).expanduser().exists():
+                if "://" not in f and not exists(f):
                     _fail(f"data.data_files.{split}", f, "an existing file")
     elif cfg.data.data_files:
         _fail("data.data_files", cfg.data.data_files, "nothing unless data.source is files")
     p = cfg.prune
-    if p.mask and "://" not in p.mask and not Path(p.mask).expanduser().is_file():
+    if p.mask and "://" not in p.mask and not exists(p.mask, Path.is_file):
         _fail("prune.mask", p.mask, "an existing mask file (mask.safetensors)")
-    if p.parent and "://" not in p.parent and not list(Path(p.parent).expanduser().glob("model*.safetensors")):
+    if p.parent and "://" not in p.parent and not exists(p.parent, lambda d: any(d.glob("model*.safetensors"))):
         _fail("prune.parent", p.parent, "a checkpoint folder with model.safetensors (a finished run's checkpoint)")
     if p.rewind == "none" and not p.parent:
         _fail("prune.rewind", "none", "pretrained, or a prune.parent to continue from")
@@ -327,7 +339,8 @@ def _check_cross_field(cfg: RunConfig) -> None:
 def trial_id(run_config: RunConfig | dict, parent_ids: list[str] = ()) -> str:
     """open_lth's idea: a run is addressed by a hash of everything that determines it, its parents included (a
     RunConfig without where it is written, or the raw trial description a sweep builds)."""
-    payload = run_config.model_dump(mode="json", exclude={"output", "address"}) \
+    payload = run_config.model_dump(mode="json", exclude={"output": True, "address": True,
+                                                          "train": {"checkpoint_every_steps"}}) \
         if isinstance(run_config, RunConfig) else run_config
     text = json.dumps({"config": payload, "parents": sorted(parent_ids)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]

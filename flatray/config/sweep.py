@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from flatray import methods
 
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
+# The searcher lists an experiment's points (grid points x samples) for each parent trial before drawing them: a
+# bound keeps an absurd num_samples or grid an error here, not an exhausted memory after Ray has started.
+MAX_POINTS = 100_000
 
 
 class Section(BaseModel):
@@ -30,7 +33,8 @@ class SearchSettings(Section):
                                               description="run-config key -> {grid|choice|uniform|loguniform|randint: values}")
     algorithm: Literal["optuna", "grid", "random"] = "optuna"
     scheduler: Literal["asha", "none"] = "asha"
-    num_samples: int = Field(1, ge=1, description="samples of the non-grid part of the space (times every grid point)")
+    num_samples: int = Field(1, ge=1, le=MAX_POINTS,
+                             description="samples of the non-grid part of the space (times every grid point)")
     metric: str = "score"
     mode: Literal["max", "min"] = "max"
 
@@ -104,6 +108,8 @@ class WandbSettings(Section):
 class SweepFile(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     storage: str = Field("results", description="local folder or s3:// / gs:// URI; trials go to <storage>/<name>/")
+    max_concurrent: int | None = Field(None, ge=1, description="at most this many trials at once (--max-concurrent "
+                                       "wins); default: as many as the cluster holds at its largest")
     wandb: WandbSettings = WandbSettings()
     defaults: dict[str, Any] = Field(default_factory=dict, description="a partial run config shared by every run")
     experiments: dict[str, Experiment] = Field(min_length=1)

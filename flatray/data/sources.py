@@ -110,18 +110,56 @@ def _check(spec, raw: datasets.DatasetDict, where: str) -> datasets.DatasetDict:
 def _hub_error(spec: TaskSpec, hub_path: str, e: Exception) -> DataError:
     return DataError(
         f"could not load {hub_path!r} (config {spec.hub_config!r}) from the Hugging Face hub: "
-        f"{type(e).__name__}: {e}\nIf you are offline, fetch the data elsewhere and use source='files' with "
-        f"data_files={{'train': ..., {', '.join(repr(s) + ': ...' for s in spec.eval_splits)}}} "
-        f"(csv, tsv, json, jsonl or parquet) with {_layout_hint(spec)}")
+        f"{type(e).__name__}: {e}\nIf you are offline, fetch the data elsewhere and use {files_hint(spec)}")
 
 
-def check_hub(spec: TaskSpec, path: str | None = None) -> None:
-    """Fail fast, before any cluster work, when a hub dataset cannot be reached: only its metadata is fetched."""
+def files_hint(spec: TaskSpec) -> str:
+    """How to give a task's data without the hub."""
+    splits = ", ".join(f"{s!r}: ..." for s in spec.eval_splits)
+    return f"source='files' with data_files={{'train': ..., {splits}}} (csv, tsv, json, jsonl or parquet) with " \
+           f"{_layout_hint(spec)}"
+
+
+def check_hub(spec: TaskSpec, path: str | None = None, timeout: float = 5.0) -> str | None:
+    """Whether a hub dataset can be loaded, asked before any cluster work (its metadata only): None when it can;
+    why it cannot be verified when the hub is offline (HF_HUB_OFFLINE=1) and the data is not in the local cache, or
+    when the hub does not answer within `timeout` s (one request, no retries). Raises DataError for a dataset or
+    config the hub does not have."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
     hub_path = path or spec.hub_path
+    if os.path.isdir(hub_path):  # data.path may name a local dataset folder: datasets reads it without the hub
+        return None
+    where = f"data {hub_path!r} (config {spec.hub_config!r})" if spec.hub_config else f"data {hub_path!r}"
     try:
-        datasets.load_dataset_builder(hub_path, spec.hub_config)
-    except Exception as e:
-        raise _hub_error(spec, hub_path, e) from e
+        validate_repo_id(hub_path)
+    except HFValidationError as err:
+        raise DataError(f"{where}: not a hub dataset id ({err}); or use {files_hint(spec)}") from None
+    if constants.is_offline_mode():
+        try:
+            datasets.load_dataset_builder(hub_path, spec.hub_config)  # offline: the local cache only, at once
+        except Exception:
+            return "HF_HUB_OFFLINE=1, not in the local cache"
+        return None
+    try:
+        info = HfApi().dataset_info(hub_path, timeout=timeout)
+    except GatedRepoError:
+        raise DataError(f"{where} is gated on the Hugging Face hub: accept its conditions on its page and set "
+                        f"HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise DataError(f"{where}: no such dataset on the Hugging Face hub ({constants.ENDPOINT}); expected a hub "
+                        f"dataset id in data.path (task {spec.name}'s is {spec.hub_path!r}), or "
+                        f"{files_hint(spec)}") from None
+    except Exception as err:  # a timeout, a refused connection, a hub error: the id may well be right
+        return f"the hub at {constants.ENDPOINT} could not be asked ({type(err).__name__}: {str(err).strip()[:200]})"
+    configs = [c.get("config_name") for c in (info.card_data.get("configs") if info.card_data else None) or []
+               if isinstance(c, dict)]
+    if spec.hub_config and configs and spec.hub_config not in configs:
+        raise DataError(f"{where}: the hub dataset has no config {spec.hub_config!r} (it has "
+                        f"{', '.join(map(str, configs))}); task {spec.name} needs one of that name")
+    return None
 
 
 def load_raw(spec: TaskSpec, source: str = "hub", path: str | None = None,

@@ -25,7 +25,7 @@ __all__ = ["MASK_NAMES", "STRUCTURE_KEY", "CoFiConfig", "CoFiMasks", "NoAttentio
            "distill_step", "kd_loss", "lagrangian", "layer_loss", "load_pruned", "mask_optimizer", "prune", "run",
            "save_pruned", "sparsity_of", "target_at"]
 
-MASKS_FILE = "cofi_masks.safetensors"  # a pruning-phase checkpoint: log_alpha and the multipliers
+MASKS_FILE = "cofi_masks.safetensors"  # in a pruning-phase checkpoint: log_alpha and the multipliers, to read
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,10 +125,11 @@ def layer_loss(student_hidden: tuple, teacher_hidden: tuple, transform: nn.Modul
 
 
 def run(ctx) -> None:
-    """Distil the teacher (model: a checkpoint) into a masked student for prune_epochs (phase 1, a checkpoint every
-    epoch: its masks), remove what the masks prune, fine-tune the smaller model for finetune_epochs (phase 2, a
-    checkpoint when the score improves). A retried run continues in the phase and after the epoch it stopped."""
-    from safetensors.torch import load_file, save_file
+    """Distil the teacher (model: a checkpoint) into a masked student for prune_epochs (phase 1), remove what the
+    masks prune, fine-tune the smaller model for finetune_epochs (phase 2; its best checkpoint is the run's model).
+    Every epoch ends with a checkpoint; a retried run continues in the phase, at the step where its last one was
+    saved (phase 1's masks and their optimizer are checkpointed with the engine)."""
+    from safetensors.torch import save_file
 
     from flatray import models
     from flatray.train import checkpoint, loop
@@ -143,15 +144,10 @@ def run(ctx) -> None:
     ramp = sc.ramp_steps or max(1, int(sc.ramp_fraction * sc.prune_epochs * len(loader)))
     masks = CoFiMasks(student.config, sc)
     pruned = {}
-
-    def load(folder: Path, history: list[dict]) -> None:
-        if history[-1].get("phase") == 2:  # past the pruning: the smaller model is the checkpoint
-            pruned["model"] = load_pruned(folder)
-        else:
-            checkpoint.load_state(student, folder / "model.safetensors")
-            masks.load_state_dict(load_file(str(folder / MASKS_FILE)))
-
-    history = checkpoint.restore(load)
+    resumed = ctx.resumed
+    history = resumed.history if resumed else []
+    if resumed and resumed.position and resumed.position.phase == 2:  # past the pruning: the smaller model's folder
+        pruned["model"] = load_pruned(resumed.folder)
     totals = {"teacher_params": sum(p.numel() for p in teacher.parameters())}
     prunable_before = count_prunable(teacher)
     if "model" not in pruned:
@@ -171,6 +167,13 @@ def run(ctx) -> None:
             checkpoint.save_model(folder, engine.module, ctx.tokenizer, cfg, metrics, hist)
             save_file({k: v.detach().contiguous().cpu() for k, v in masks.state_dict().items()}, str(folder / MASKS_FILE))
 
+        def mask_state() -> dict:  # outside the engine: checkpointed with it (flatray.train.loop.Phase.state)
+            return {"masks": masks.state_dict(), "optimizer": mask_opt.state_dict()}
+
+        def load_mask_state(state: dict) -> None:
+            masks.load_state_dict(state["masks"])
+            mask_opt.load_state_dict(state["optimizer"])
+
         target = {"now": 0.0}
 
         def step(batch: dict, n: int) -> float:
@@ -181,7 +184,7 @@ def run(ctx) -> None:
             engine, loader, range(1, sc.prune_epochs + 1), step=step, save=save_masked, evaluate=evaluate,
             metrics=lambda: {"target_sparsity": target["now"], "expected_sparsity": float(masks.expected_sparsity()),
                              "lambda_1": float(masks.lambda_1)},
-            label="prune epoch", number=1, checkpoint_every_epoch=True)
+            label="prune epoch", number=1, output=False, state=mask_state, load_state=load_mask_state)
         loop.run_phase(ctx, pruning, history)
         detach()
         masks.eval()

@@ -1,8 +1,8 @@
 """finetune, imp and transfer: Adam/SAM/ASAM epochs in a DeepSpeed engine, masked for IMP levels and ticket transfers.
 
 An IMP level ranks its parent's trained weights and rewinds the survivors to theta_0; a transfer re-trains theta_0
-under a given mask (flatray.methods.imp.setup reads both from the run's `prune` section). A checkpoint when the dev
-score improves; the best model's sharpness at the end when `sharpness.enabled`.
+under a given mask (flatray.methods.imp.setup reads both from the run's `prune` section). A checkpoint every epoch
+(the best one is the run's model); the best model's sharpness at the end when `sharpness.enabled`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def run(ctx: RunContext) -> None:
     model = models.load_model(cfg.model, ctx.spec)
     masked, masks, mask_meta = imp.setup(model, cfg.prune, cfg.train.seed)  # before the engine copies weights
     prunable = list(imp.prunable_weights(model).values())
-    history = checkpoint.restore(lambda folder, _: checkpoint.load_state(model, folder / "model.safetensors"))
+    history = ctx.resumed.history if ctx.resumed else []  # the engine's state comes back in loop.run_phase
     engine = build_engine(model, cfg, ctx.world, total_steps=cfg.train.epochs * len(loader))
     seed_everything(cfg.train.seed + ctx.rank)  # dropout masks differ across workers, reproducibly
 

@@ -30,8 +30,6 @@ from flatray.methods import lsq
 from flatray.methods.cofi import kd_loss
 from flatray.train.engine import autocast, initialize, lr_factor, train_step
 
-STUDENT_FILE = "student.safetensors"  # latent weights and step sizes: where a retried run continues from
-
 
 def phase(step: int, cfg: RunConfig) -> str:
     """'A' (weights), 'B' (step sizes) or 'joint' for optimizer step number `step` (0-based)."""
@@ -97,10 +95,8 @@ def distillation_loss(model, batch: dict, teacher_out, cfg: RunConfig):
 
 def run(ctx) -> None:
     """kind: squat: low-bit LSQ quantization-aware training of a copy of the teacher (model: a checkpoint),
-    distilled from it. A checkpoint holds the exported model (integer codes packed at b bits + step sizes) and the
-    student's latent weights (for a retried run to continue from)."""
-    from safetensors.torch import save_file
-
+    distilled from it. A checkpoint holds the exported model (integer codes packed at b bits + step sizes); the
+    latent weights a retried run continues from are in its engine state (flatray.train.checkpoint)."""
     from flatray import models
     from flatray.train import checkpoint, loop
     from flatray.train.context import seed_everything
@@ -111,9 +107,9 @@ def run(ctx) -> None:
     extra = {"attn_implementation": "eager"} if sq.kd_attention else {}  # attention probabilities need eager
     teacher = models.load_model(cfg.model, ctx.spec, **extra).to(ctx.device).eval().requires_grad_(False)
     student = lsq.quantize_model(models.load_model(cfg.model, ctx.spec, **extra), lsq.QuantSpec.of(sq))
-    history = checkpoint.restore(lambda folder, _: checkpoint.load_state(student, folder / STUDENT_FILE))
+    history = ctx.resumed.history if ctx.resumed else []  # the engine's state comes back in loop.run_phase
     student.to(ctx.device)
-    if not history:  # activation step sizes start from one batch, the same on every worker
+    if not ctx.resumed:  # activation step sizes start from one batch, the same on every worker
         train = ctx.tokenized.train
         batch = ctx.collate([train[i] for i in range(min(cfg.train.batch_size, len(train)))])
         with torch.no_grad():
@@ -130,8 +126,6 @@ def run(ctx) -> None:
     def save(folder: Path, metrics: dict, hist: list[dict]) -> None:
         lsq.export(engine.module, folder / lsq.EXPORT_FILE)
         metrics["export_bytes"] = (folder / lsq.EXPORT_FILE).stat().st_size
-        save_file({k: v.detach().contiguous().cpu() for k, v in engine.module.state_dict().items()},
-                  str(folder / STUDENT_FILE))
         ctx.tokenizer.save_pretrained(folder)
         checkpoint.write_run_files(folder, cfg, metrics, hist)
 

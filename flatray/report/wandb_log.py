@@ -39,28 +39,34 @@ def wandb_mode(settings: Any) -> str | None:
 def log_to_wandb(root: Path, sweep: str, out: Path, figures: list[str], tables: dict[str, pd.DataFrame],
                  settings: Any) -> None:
     """The figures (wandb.Image) and tables (wandb.Table) in one run: group <sweep>, job_type report, id
-    <sweep>-report (resumed on a re-run). Run files under <root>/wandb/ (offline: <root>/wandb/offline-run-*)."""
+    <sweep>-report (resumed on a re-run: `flatray.tracking sync` uploads a report's offline runs as one resumed run).
+    Run files under <root>/wandb/ (offline: <root>/wandb/offline-run-*); offline when W&B does not answer."""
     try:  # inside: settings W&B cannot use (a bad mode) cost a warning, not the report
-        mode = wandb_mode(settings)
-        if mode is None:
+        if wandb_mode(settings) is None:
             return
+        from flatray.tracking import runs
+        from flatray.tracking.runs import base_url, offline_notice, run_mode
+
         s = _settings(settings)
         import wandb
 
         (root / "wandb").mkdir(parents=True, exist_ok=True)
-        run = None
-        for attempt in ([mode, "offline"] if mode == "online" else [mode]):
-            try:
-                run = wandb.init(project=s.project or "flatray", entity=s.entity, group=sweep,
-                                 job_type="report", id=f"{sweep}-report", name=f"{sweep}-report", resume="allow",
-                                 dir=str(root), mode=attempt, reinit="create_new",
-                                 config={"root": str(root.resolve())},
-                                 settings=wandb.Settings(init_timeout=60, silent=True))
-                break
-            except Exception as err:
-                if attempt == "offline" or mode != "online":
-                    raise
-                _warn(f"W&B online failed ({err}); logging the report offline")
+        mode = run_mode(s, str(root / "wandb"))  # offline, said once, when W&B does not answer
+        init = dict(project=s.project or "flatray", entity=s.entity, group=sweep, job_type="report",
+                    id=f"{sweep}-report", name=f"{sweep}-report", resume="allow", dir=str(root), reinit="create_new",
+                    config={"root": str(root.resolve())},
+                    # bounded waits; stats off: nothing to measure, and no probe of cloud metadata addresses
+                    settings=wandb.Settings(init_timeout=runs.INIT_TIMEOUT_S, finish_timeout=runs.FINISH_TIMEOUT_S,
+                                            silent=True, x_disable_stats=True))
+        try:
+            run = wandb.init(mode=mode, **init)
+        except Exception as err:
+            if mode != "online":
+                raise
+            first = (str(err).strip().splitlines() or [""])[0]
+            offline_notice(base_url(), str(root / "wandb"), f"{type(err).__name__}: {first}")
+            wandb.teardown()  # the failed run keeps its id taken until W&B's service restarts
+            run = wandb.init(mode="offline", **init)
         try:
             data: dict[str, Any] = {f"report/{Path(f).stem}": wandb.Image(str(out / f)) for f in figures}
             for name, table in tables.items():

@@ -6,13 +6,13 @@ import argparse
 import os
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 from flatray import storage
 from flatray.config import ConfigError
-from flatray.sweep import graph
-from flatray.sweep.plan import first_config, local_cpus, max_concurrent, print_plan
+from flatray.sweep import graph, preflight
+from flatray.sweep.lock import SweepLock
+from flatray.sweep.plan import capacity, concurrency, local_cpus, print_plan
 from flatray.sweep.tune import root_of, run
 
 
@@ -44,41 +44,31 @@ def main(argv: list[str] | None = None) -> int:
                         help="at most N trials at once (default: as many as the cluster's resources hold)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the sweep file, e.g. --set defaults.train.epochs=1 (repeatable)")
+    parser.add_argument("--rerun-other-versions", action="store_true",
+                        help="run again the finished trials made by another flatray version, git commit or library "
+                             "version (they are listed otherwise, and kept)")
     parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
     args = parser.parse_args(argv)
 
-    from flatray import data, models
-
     try:
+        if args.max_concurrent is not None and args.max_concurrent < 1:
+            raise ConfigError(f"--max-concurrent: got {args.max_concurrent}; expected at least 1")
         sets = list(args.set) + ([f"storage={args.storage}"] if args.storage else [])
         sweep = graph.load(args.sweep_file, sets)
+        # An unwritable storage, a missing model or an unknown hub id fails here, not in a trial after Ray started.
+        warnings = preflight.check(sweep, dry_run=args.dry_run)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    # A missing model or an unreachable hub dataset fails here, not in a trial (each one checked once).
-    checks = {}
-    for name in sweep.experiments:
-        cfg = first_config(sweep, name)
-        if "model" not in sweep.experiments[name].method.needs:  # the others load their parent's model
-            checks.setdefault(("model", cfg.model), (name, partial(models.resolve, cfg.model)))
-        if cfg.data.source == "hub":
-            checks.setdefault(("data", cfg.task, cfg.data.path),
-                              (name, partial(data.check_hub, data.TASKS[cfg.task], cfg.data.path)))
-    for name, check in checks.values():
-        try:
-            check()
-        except (models.ModelNotFound, data.DataError) as err:
-            if not args.dry_run:
-                print(f"error: experiment {name!r}: {err}", file=sys.stderr)
-                return 2
-            print(f"warning: experiment {name!r}: {str(err).splitlines()[0]} (a real run would stop here)")
+    for line in warnings:
+        print(f"warning: {line}")
     root = root_of(sweep)
     if args.dry_run:
         if args.address:
             import ray
 
             ray.init(address=args.address)
-            offered, where = ray.cluster_resources(), f"the cluster at {args.address}"
+            offered, where, _ = capacity()  # an autoscaling cluster at its largest, else what it has now
         else:
             import torch
 
@@ -86,29 +76,32 @@ def main(argv: list[str] | None = None) -> int:
             offered = {"CPU": float(local_cpus(sweep)), "GPU": float(torch.cuda.device_count())}
             where = f"local Ray on this machine ({os.cpu_count()} cores)"
         print_plan(sweep, root, offered, where)
-        print(f"at most {max_concurrent(sweep, offered)} trial(s) at once" if not args.max_concurrent
-              else f"at most {args.max_concurrent} trial(s) at once (--max-concurrent)")
+        limit, why = concurrency(sweep, args.max_concurrent, offered, where)
+        print(f"at most {limit} trial(s) at once ({why})")
         return 0
 
     text = Path(args.sweep_file).read_text() + "".join(f"# --set {s}\n" for s in sets)
     started = time.time()
     try:
-        outcomes = run(sweep, text, args.address, args.max_concurrent, args.resume)
+        with SweepLock(root):  # one driver per sweep folder: a second one would train every trial again
+            outcomes = run(sweep, text, args.address, args.max_concurrent, args.resume,
+                           rerun_other_versions=args.rerun_other_versions)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"\n[flatray] sweep {sweep.name} finished in {time.time() - started:.0f} s\n")
     print(results_table(outcomes, graph.order(sweep.experiments)))
-    wandb_dir = storage.join(root, "wandb")
+    wandb_dir = storage.local_dir(root) / "wandb"
     print(f"\ntrial folders: {root}/<trial id>/ (docs/SWEEPS.md)")
-    if Path(wandb_dir).is_dir():
+    if wandb_dir.is_dir():
         print(f"W&B runs: {wandb_dir}  (offline runs upload, parents first, with: "
               f"python -m flatray.tracking sync {wandb_dir})")
     if not args.no_report:
         try:
             from flatray import report
 
-            print(f"report: {report.report(root, sweep.wandb)}")
+            out = report.report(root, sweep.wandb)
+            print(f"report: {out}" + (f" (and {storage.join(root, 'report')})" if "://" in root else ""))
         except Exception as err:  # a report problem never hides the sweep's results
             print(f"warning: report failed: {err}", file=sys.stderr)
     failed = [s for _, s in outcomes.values() if s.get("status") == "failed"]

@@ -9,23 +9,29 @@ from its parent trial (the method's `feed`), its id and its folder.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from flatray import config as config_lib
 from flatray import methods, storage
 from flatray.config import ConfigError, RunConfig, trial_id
-from flatray.config.errors import explain, field_exists, flatten, merge, parse_overrides, set_dotted
-from flatray.config.sweep import Experiment, SearchSettings, SweepFile
+from flatray.config.errors import (exists, explain, field_exists, flatten, merge, parse_overrides, read_mapping,
+                                   set_dotted, short_repr)
+from flatray.config.sweep import MAX_POINTS, Experiment, SearchSettings, SweepFile
 
 __all__ = ["first_point", "grid_keys", "load", "make_record", "order", "raw_config", "trial_id", "validate_run"]
 
 # What a parent trial provides exists only at run time; these stand-ins pass the checks of a child's run config.
 PLACEHOLDER_OUTPUTS = {"model": "parent://best-checkpoint", "mask": "parent://mask.safetensors",
                        "export": "parent://export"}
+MAX_CHAIN = 32  # experiments in a line of parents (the graph is walked recursively)
+# The run-config keys that are sections (mappings): the methods write into some of them (prune, scaling, deepspeed).
+SECTIONS = {alias for name, field in RunConfig.model_fields.items()
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+            for alias in [name, *getattr(field.validation_alias, "choices", [])]}
 
 
 def order(experiments: dict[str, Experiment]) -> list[str]:
@@ -42,6 +48,8 @@ def order(experiments: dict[str, Experiment]) -> list[str]:
         if name in visiting:
             cycle = " -> ".join(visiting[visiting.index(name):] + [name])
             raise ConfigError(f"experiments.{name}.parent: cyclic parents ({cycle}); expected a tree of experiments")
+        if len(visiting) == MAX_CHAIN:  # before the recursion gets deep
+            raise too_long(name)
         visiting.append(name)
         parent = experiments[name].parent
         if parent:
@@ -49,8 +57,18 @@ def order(experiments: dict[str, Experiment]) -> list[str]:
         visiting.pop()
         done.append(name)
 
+    def too_long(name: str) -> ConfigError:
+        return ConfigError(f"experiments.{name}.parent: a line of more than {MAX_CHAIN} experiments from a root to "
+                           f"it; expected a shallower tree of experiments")
+
     for name in experiments:
         visit(name)
+    depth: dict[str, int] = {}
+    for name in done:
+        parent = experiments[name].parent
+        depth[name] = depth[parent] + 1 if parent else 1
+        if depth[name] > MAX_CHAIN:
+            raise too_long(name)
     return done
 
 
@@ -71,6 +89,10 @@ def raw_config(sweep: SweepFile, name: str, inherited: dict, point: dict) -> dic
     the experiment's config, then its own point (later wins), with the method its trials run as."""
     exp = sweep.experiments[name]
     raw = merge(merge(merge(sweep.defaults, inherited), exp.config), point)
+    for section in SECTIONS & raw.keys():  # before a method writes into one (e.g. prune: 5)
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"invalid sweep {sweep.name!r} (experiment {name!r}):\n  {section}: got "
+                              f"{short_repr(raw[section])}; expected a mapping of {section} keys")
     method = exp.method
     raw["kind"] = method.runs_as or exp.kind  # as written (an alias keeps the trial ids of its name)
     if method.cpu_only and raw.get("scaling", {}).get("use_gpu"):
@@ -118,14 +140,9 @@ def _check_parent_outputs(sweep: SweepFile, name: str) -> None:
 def load(path: str | Path, overrides: list[str] = ()) -> SweepFile:
     """Read and check a sweep file: schema, parents, search spaces, and each experiment's run config."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"sweep file {str(path)!r} not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"invalid sweep ({path}): not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"invalid sweep ({path}): expected a mapping at the top level, got {type(raw).__name__}")
+    if not exists(path):
+        raise ConfigError(f"sweep file {short_repr(str(path))} not found")
+    raw = read_mapping(path, "sweep", example="name: my-sweep, experiments: {full: {kind: finetune}}")
     for key, value in parse_overrides(list(overrides)):
         set_dotted(raw, key, value)
     try:
@@ -135,6 +152,12 @@ def load(path: str | Path, overrides: list[str] = ()) -> SweepFile:
     for name in order(sweep.experiments):
         exp = sweep.experiments[name]
         space = exp.search.space if exp.search else {}
+        grid = [len(next(iter(space[key].values()))) for key in grid_keys(exp)]
+        points = math.prod(grid) * (exp.search.num_samples if len(grid) < len(space) else 1)
+        if points > MAX_POINTS:
+            raise ConfigError(f"experiments.{name}.search: {math.prod(grid):,} grid point(s) x num_samples "
+                              f"{exp.search.num_samples:,} = {points:,} trials per parent trial; expected at most "
+                              f"{MAX_POINTS:,}")
         for key in space:
             if not field_exists(RunConfig, key):
                 raise ConfigError(f"experiments.{name}.search.space: {key!r} is not a run-config key "

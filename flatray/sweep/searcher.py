@@ -17,6 +17,7 @@ from flatray import storage
 from flatray.config import ConfigError
 from flatray.config.errors import flatten
 from flatray.config.sweep import SearchSettings, SweepFile
+from flatray.provenance import differences, provenance
 from flatray.sweep.graph import make_record, order
 from flatray.sweep.points import Points
 
@@ -28,9 +29,11 @@ class SweepSearcher(Searcher):
     """Walks the experiment graph for Tune: `suggest` hands out ready trials (children first), `on_trial_complete`
     records the outcome and releases the finished trial's children."""
 
-    def __init__(self, sweep: SweepFile, root: str):
+    def __init__(self, sweep: SweepFile, root: str, rerun_other_versions: bool = False):
         super().__init__(metric="score", mode="max")
         self.sweep, self.root = sweep, root
+        self.rerun_other_versions = rerun_other_versions
+        self.other_versions: list[tuple[dict, list[str]]] = []  # finished trials made by another version, kept
         self.order = order(sweep.experiments)
         self.children = collections.defaultdict(list)
         for name in self.order:
@@ -60,7 +63,7 @@ class SweepSearcher(Searcher):
                 return self.FINISHED if self._complete_all() else None
             record = item[0]
             summary = self._read(record, "summary.json", "the trial runs again (it continues from its checkpoint)")
-            if summary and summary.get("status") in ("done", "stopped"):
+            if summary and summary.get("status") in ("done", "stopped") and self._keep(record, summary):
                 self.skipped += 1  # finished before: not run again, but its children are released
                 if self._read(record, "trial.json", "rewritten from the sweep file") is None:
                     self._write(storage.join(record["dir"], "trial.json"), record)
@@ -88,14 +91,32 @@ class SweepSearcher(Searcher):
             self._write(path, summary)
         self._finish(item, summary)
 
+    def _keep(self, record: dict, summary: dict) -> bool:
+        """Whether a finished trial is kept: always, unless it was made by another version and those run again
+        (its summary is kept beside, as summary.superseded-<time>.json, and its Ray Train run starts afresh)."""
+        changed = differences(summary.get("provenance"), provenance())
+        if not changed:
+            return True
+        if not self.rerun_other_versions:
+            self.other_versions.append((record, changed))
+            return True
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(summary.get("ended") or time.time()))
+        self._write(storage.join(record["dir"], f"summary.superseded-{stamp}.json"), summary)
+        storage.delete(storage.join(record["dir"], "summary.json"))
+        storage.delete_dir(storage.join(record["dir"], record["config"]["output"]["name"]))
+        log.warning("trial %s (%s) was made by another version (%s): running it again", record["id"],
+                    record["experiment"], "; ".join(changed))
+        return False
+
     def explain_failure(self, trial_id: str, error_text: str) -> None:
         """The error Tune caught for a failed trial whose summary says no more than DIED (its process was killed,
         or its storage was full): the root cause goes to the results table and, if it can be written, summary.json."""
-        from flatray.sweep.trial import root_cause
+        from flatray.sweep.trial import root_cause, worker_log
 
         outcome = self.outcomes.get(self.tune_ids.get(trial_id, ""))
         if outcome and outcome[1].get("error") == DIED and error_text.strip():
             outcome[1]["error"] = f"{root_cause(error_text)}\n{error_text}"[:4000]
+            outcome[1]["log"] = worker_log(error_text)
             self._write(storage.join(outcome[0]["dir"], "summary.json"), outcome[1])
 
     def _read(self, record: dict, name: str, then: str) -> dict | None:

@@ -79,4 +79,12 @@ def results_table(outcomes: dict[str, tuple[dict, dict]], order: list[str] = ())
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    failed = [(r, s) for r, s in outcomes.values() if s.get("status") == "failed"]
+    if failed:  # the whole first line of each error, and where its worker's log is
+        lines += ["", "failures:"]
+        for record, summary in failed:
+            lines.append(f"  {record.get('experiment', '?')} {record.get('id') or '-'}: "
+                         f"{str(summary.get('error') or '?').splitlines()[0]}")
+            if summary.get("log"):
+                lines.append(f"    worker log: {summary['log']}")
     return "\n".join(lines)

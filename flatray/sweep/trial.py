@@ -8,6 +8,7 @@ import time
 
 from flatray import methods, storage
 from flatray.config import RunConfig
+from flatray.provenance import provenance
 from flatray.train.loop import DIVERGED
 
 
@@ -42,6 +43,12 @@ def root_cause(text: str) -> str:
     return f"{found.group(1).rsplit('.', 1)[-1]}{where}: {found.group(2)}"
 
 
+def worker_log(text: str) -> str | None:
+    """The log file of the failed worker, from the note flatray.train.context puts under its exception."""
+    found = re.search(r"^worker log: (\S+)", text, re.MULTILINE)
+    return found.group(1) if found else None
+
+
 def _cause(error: Exception) -> str:
     """The error as summary.json keeps it: the root cause first (the console and the results table show the first
     line), then Ray's whole text with the worker's traceback."""
@@ -51,57 +58,91 @@ def _cause(error: Exception) -> str:
 
 def run_trial(tune_config: dict) -> None:
     """A Tune trial: one Ray Train run of the trial's config, retried from its last checkpoint on failure."""
+    record, retries = tune_config["flatray"], tune_config["retries"]
+    made_by = provenance()  # of this process: the code and libraries the trial really runs with
+    record = {**record, "started": time.time(), "provenance": made_by}
+    folder = record["dir"]
+    start, attempt, error = time.time(), 0, None
+    try:
+        storage.write_json(storage.join(folder, "trial.json"), record)
+        result, attempt, error = _fit_with_retries(record, retries)
+        if error is None:  # a summary for complete outputs only: written whole, or not at all
+            storage.write_json(storage.join(folder, "summary.json"),
+                               {**summarize(record, result, attempt, time.time() - start), "provenance": made_by})
+            return
+    except storage.StorageError as err:  # a full disk fails this trial only; a re-run with space finishes it
+        error = err
+        print(f"[flatray] trial {record['id']} ({record['experiment']}) failed: {err}", flush=True)
+    if "No space left" in str(error) and not isinstance(error, storage.StorageError):  # a worker's write
+        error = storage.StorageError(f"No space left on device ({storage.free_space(folder)}) for {folder}: "
+                                     f"{root_cause(f'{type(error).__name__}: {error}')}")
+    try:
+        storage.write_json(storage.join(folder, "summary.json"), {
+            "id": record["id"], "experiment": record["experiment"], "kind": record["kind"], "status": "failed",
+            "metrics": {}, "history": [], "checkpoint": None, "outputs": {}, "attempts": attempt,
+            "wall_s": time.time() - start, "ended": time.time(), "error": _cause(error)[:4000],
+            "log": worker_log(f"{error}"),
+            "provenance": made_by})
+    except storage.StorageError:
+        pass  # the sweep's driver records the failure from the error raised here
+    raise error
+
+
+def _fit_with_retries(record: dict, retries: int):
+    """(Ray's Result, attempts, None), or (None, attempts, the last error) when every attempt failed."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from flatray import train
 
-    record, retries = tune_config["flatray"], tune_config["retries"]
-    record = {**record, "started": time.time()}
-    folder = record["dir"]
-    storage.write_json(storage.join(folder, "trial.json"), record)
     cfg = RunConfig.model_validate(record["config"])
-    start, error = time.time(), None
+    error = None
     # Retries are this loop rather than Ray Train's FailureConfig: each attempt is recorded (attempts.jsonl) and the
     # last error reaches summary.json; both restore the run's latest checkpoint the same way.
+    attempts_file = storage.join(record["dir"], "attempts.jsonl")
+    before = len(storage.read_lines(attempts_file))  # attempts of earlier runs of the sweep (it continues them)
     for attempt in range(1, retries + 2):
-        error = None
-        storage.append_line(storage.join(folder, "attempts.jsonl"), {"attempt": attempt, "start": time.time()})
+        storage.append_line(attempts_file, {"attempt": before + attempt, "start": time.time()})
         try:
             # Same name and storage as before: Ray Train restores the run's latest checkpoint, and the workers
             # continue from it (flatray.methods.finetune).
-            result = train.make_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
-            break
+            return train.make_trainer(cfg, callbacks=[TuneReportCallback()]).fit(), attempt, None
         except Exception as err:  # ray.train.TrainingFailedError: a worker raised
             if stopped_by_tune():
                 raise  # not a failure: the next run of the sweep continues this trial from its checkpoint
             error = err
+            text = f"{type(err).__name__}: {err}"
+            log = worker_log(text)
             print(f"[flatray] trial {record['id']} ({record['experiment']}) attempt {attempt}/{retries + 1} "
-                  f"failed: {root_cause(f'{type(err).__name__}: {err}')[:300]}", flush=True)
+                  f"failed: {root_cause(text)[:300]}{f' (worker log {log})' if log else ''}", flush=True)
             if DIVERGED in str(err):  # a retry from the last checkpoint would diverge again
                 break
-    if error is not None:
-        storage.write_json(storage.join(folder, "summary.json"), {
-            "id": record["id"], "experiment": record["experiment"], "kind": record["kind"], "status": "failed",
-            "metrics": {}, "history": [], "checkpoint": None, "outputs": {}, "attempts": attempt,
-            "wall_s": time.time() - start, "ended": time.time(), "error": _cause(error)[:4000]})
-        raise error
-    storage.write_json(storage.join(folder, "summary.json"), summarize(record, result, attempt, time.time() - start))
+    return None, attempt, error
 
 
 def summarize(record: dict, result, attempts: int, wall_s: float) -> dict:
-    ckpt = result.checkpoint
-    path = None
-    if ckpt is not None:
-        scheme = record["dir"].split("://")[0] + "://" if "://" in record["dir"] else ""
-        path = ckpt.path if "://" in ckpt.path or not scheme else scheme + ckpt.path
-    history = storage.read_json(storage.join(path, "history.json")) if path else None
+    """The trial's summary.json: the best checkpoint Ray kept (its report marked it as the best model so far) with
+    its metrics, and the history of every epoch (from the latest checkpoint, which may be a later epoch)."""
+    from flatray.train.checkpoint import BEST, HISTORY_FILE
+
+    scheme = record["dir"].split("://")[0] + "://" if "://" in record["dir"] else ""
+
+    def where(ckpt) -> str | None:
+        if ckpt is None:
+            return None
+        return ckpt.path if "://" in ckpt.path or not scheme else scheme + ckpt.path
+
+    ckpt, best = result.best_checkpoints[-1] if result.best_checkpoints else (None, None)
+    if best is None or not best.get(BEST):  # no epoch ever scored (e.g. a NaN score): no model to hand on
+        ckpt, best = None, result.metrics
+    path, latest = where(ckpt), where(result.checkpoint)
+    history = storage.read_json(storage.join(latest, HISTORY_FILE)) if latest else None
     outputs = dict.fromkeys(methods.ARTIFACT_TYPES)
     if path:
         files = set(storage.list_files(path))
         for what, name in methods.get(record["kind"]).files.items():  # what the method leaves, if it is there
             if name in files:
                 outputs[what] = path if what == "model" else storage.join(path, name)
-    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str, bool))}
+    metrics = {k: v for k, v in (best or {}).items() if isinstance(v, (int, float, str, bool)) and k != BEST}
     return {"id": record["id"], "experiment": record["experiment"], "kind": record["kind"], "status": "done",
             "metrics": metrics, "history": history or [], "checkpoint": path, "outputs": outputs,
             "attempts": attempts, "wall_s": wall_s, "ended": time.time(), "error": None}

@@ -9,12 +9,10 @@ continues interrupted ones from their last checkpoint (Ray Train restores a run 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from flatray import storage
 from flatray.config import ConfigError
 from flatray.config.sweep import SweepFile
-from flatray.sweep.plan import TRIAL_CPU, first_config, local_cpus, max_concurrent
+from flatray.sweep.plan import TRIAL_CPU, autoscaler_request, capacity, concurrency, first_config, local_cpus
 
 
 def root_of(sweep: SweepFile) -> str:
@@ -22,8 +20,10 @@ def root_of(sweep: SweepFile) -> str:
 
 
 def run(sweep: SweepFile, sweep_text: str, address: str | None = None, max_concurrent_trials: int | None = None,
-        resume: bool = False, status_every_s: float | None = None) -> dict[str, tuple[dict, dict]]:
-    """Run the sweep on Ray Tune; returns {trial id: (trial record, summary)}."""
+        resume: bool = False, status_every_s: float | None = None,
+        rerun_other_versions: bool = False) -> dict[str, tuple[dict, dict]]:
+    """Run the sweep on Ray Tune; returns {trial id: (trial record, summary)}. Finished trials are kept, those made
+    by another flatray/library version too unless `rerun_other_versions` (flatray.provenance)."""
     from ray import tune
 
     from flatray import train
@@ -41,20 +41,17 @@ def run(sweep: SweepFile, sweep_text: str, address: str | None = None, max_concu
 
     use_gpu = any(first_config(sweep, n).scaling.use_gpu for n in sweep.experiments)
     train.init_ray(address, local_cpus(sweep), use_gpu)
-    import ray
-
-    offered = ray.cluster_resources()
-    limit = max_concurrent_trials or max_concurrent(sweep, offered)
-    searcher = SweepSearcher(sweep, root)
-    wandb_dir = storage.join(root, "wandb") if "://" not in root else str(Path("wandb").resolve())
+    offered, where, autoscaling = capacity()
+    limit, why = concurrency(sweep, max_concurrent_trials, offered, where)
+    searcher = SweepSearcher(sweep, root, rerun_other_versions)
+    wandb_dir = str((storage.local_dir(root) / "wandb").resolve())  # W&B writes local files, even for s3:// sweeps
     callbacks = [Status(searcher, status_every_s or STATUS_EVERY_S)]
     if sweep.wandb.mode != "disabled":
         from flatray.tracking import WandbTrials, wandb_mode
 
         if wandb_mode(sweep.wandb) != "disabled":
             callbacks.append(WandbTrials(sweep.wandb, sweep.name, root, wandb_dir))
-    print(f"[flatray] sweep {sweep.name}: up to {limit} trial(s) at once on {', '.join(f'{v:g} {k}' for k, v in offered.items() if k in ('CPU', 'GPU'))}; "
-          f"outputs in {root}", flush=True)
+    print(f"[flatray] sweep {sweep.name}: up to {limit} trial(s) at once ({why}); outputs in {root}", flush=True)
     tuner = tune.Tuner(
         tune.with_resources(run_trial, {"cpu": TRIAL_CPU}),
         tune_config=tune.TuneConfig(
@@ -69,7 +66,17 @@ def run(sweep: SweepFile, sweep_text: str, address: str | None = None, max_concu
             failure_config=tune.FailureConfig(max_failures=0),  # retries happen inside the trial, from its checkpoint
         ),
     )
-    tuner.fit()
+    with autoscaler_request(sweep, limit, autoscaling):  # an autoscaling cluster grows for them at once
+        try:
+            tuner.fit()
+        except (OSError, EOFError) as err:  # Tune reading back its own files (torn by a full disk) after the run
+            print(f"[flatray] warning: Ray Tune could not read its experiment files back ({type(err).__name__}: "
+                  f"{err}); the sweep's results are its trial folders", flush=True)
     if searcher.skipped:
         print(f"[flatray] {searcher.skipped} trial(s) had finished before and were not run again", flush=True)
+    if searcher.other_versions:
+        print(f"[flatray] {len(searcher.other_versions)} of them were made by another version; pass "
+              f"--rerun-other-versions to run them again:", flush=True)
+        for record, changed in searcher.other_versions:
+            print(f"  {record['experiment']} {record['id']}: {'; '.join(changed)}", flush=True)
     return dict(searcher.outcomes)

@@ -16,45 +16,114 @@ summary.json). Parents must be synced before children: see flatray.tracking.offl
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
-import socket
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any, Mapping
-from urllib.parse import urlparse
 
 from flatray import methods
 from flatray.methods import ARTIFACT_TYPES
 
 MODES = ("online", "offline", "disabled")
+# Bounds on what a sweep (Tune's loop) or the report waits for an online W&B: opening a run, and uploading the rest
+# at its end (what did not go up stays in the run's folder: `wandb sync --include-online FOLDER`).
+INIT_TIMEOUT_S = 20
+FINISH_TIMEOUT_S = 60
 _TRUE = ("1", "true", "yes")
+
+
+def _asked(settings: Any) -> tuple[str, bool]:
+    """The mode asked for, without looking at the network, and whether it was asked explicitly (not auto)."""
+    if settings is None:
+        return "disabled", True
+    mode = (settings.get("mode") if isinstance(settings, Mapping) else getattr(settings, "mode", None)) or "auto"
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    env = {"dryrun": "offline", "run": "online"}.get(env, env)
+    if "disabled" in (mode, env) or os.environ.get("WANDB_DISABLED", "").strip().lower() in _TRUE:
+        return "disabled", True
+    if env in MODES:
+        return env, True
+    if mode != "auto":
+        return mode, True
+    return ("online" if os.environ.get("WANDB_API_KEY") else "offline"), False
 
 
 def wandb_mode(settings: Any) -> str:
     """online | offline | disabled, for a WandbSettings, a dict like it, or None (W&B off).
 
     Off when settings are None, their mode is disabled, WANDB_MODE=disabled or WANDB_DISABLED is set; else
-    WANDB_MODE wins, then an explicit online/offline; auto is online only with an API key and a reachable host."""
-    if settings is None:
-        return "disabled"
-    mode = (settings.get("mode") if isinstance(settings, Mapping) else getattr(settings, "mode", None)) or "auto"
-    env = os.environ.get("WANDB_MODE", "").strip().lower()
-    env = {"dryrun": "offline", "run": "online"}.get(env, env)
-    if "disabled" in (mode, env) or os.environ.get("WANDB_DISABLED", "").strip().lower() in _TRUE:
-        return "disabled"
-    if env in MODES:
-        return env
-    if mode != "auto":
+    WANDB_MODE wins, then an explicit online/offline; auto is online only with an API key and W&B answering."""
+    mode, explicit = _asked(settings)
+    if mode == "online" and not explicit and not reachable(base_url()):
+        return "offline"  # no route out (cluster nodes often have none): log offline, sync later
+    return mode
+
+
+def run_mode(settings: Any, wandb_dir: str) -> str:
+    """The mode W&B runs are opened in: wandb_mode, but offline whenever W&B does not answer, even when online was
+    asked for (each online wandb.init would wait out its timeout and then log nothing); said once per folder."""
+    mode, _ = _asked(settings)
+    if mode != "online":
         return mode
-    if not os.environ.get("WANDB_API_KEY"):
-        return "offline"
-    try:
-        url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
-        port = url.port or (80 if url.scheme == "http" else 443)
-        socket.create_connection((url.hostname or "api.wandb.ai", port), timeout=2).close()
+    url = base_url()
+    if reachable(url):
         return "online"
-    except (OSError, ValueError):  # no route out (cluster nodes often have none): log offline, `wandb sync` later
-        return "offline"
+    offline_notice(url, wandb_dir)
+    return "offline"
+
+
+def base_url() -> str:
+    """The W&B server, found as wandb finds it: WANDB_BASE_URL, else `wandb login --host`'s settings file, else
+    W&B's default."""
+    import wandb
+
+    settings = wandb.Settings()
+    settings.update_from_system_settings()
+    settings.update_from_env_vars(dict(os.environ))
+    return settings.base_url
+
+
+_reachable: dict[str, bool] = {}  # one check per server and process: a sweep asks several times at its start
+
+
+def reachable(url: str, timeout: float = 5.0) -> bool:
+    """Whether a server answers HTTP at url within timeout s (any status counts: a server is there)."""
+    if url not in _reachable:
+        host = urllib.parse.urlparse(url).hostname or ""
+        # As wandb-core (Go's net/http) does: no proxy for the loopback address.
+        opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if _loopback(host) else []))
+        try:
+            opener.open(f"{url.rstrip('/')}/healthz", timeout=timeout).close()
+            _reachable[url] = True
+        except urllib.error.HTTPError:
+            _reachable[url] = True
+        except (OSError, ValueError):  # refused, no route, no name, timed out, or not a URL
+            _reachable[url] = False
+    return _reachable[url]
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_noticed: set[str] = set()
+
+
+def offline_notice(url: str, wandb_dir: str, why: str = "") -> None:
+    """The one console line that says W&B is not reached and where the runs go instead (once per folder)."""
+    key = wandb_dir if "://" in wandb_dir else os.path.abspath(wandb_dir)
+    if key in _noticed:
+        return
+    _noticed.add(key)
+    print(f"[flatray] W&B unreachable at {url}{f' ({why})' if why else ''}: logging offline to {wandb_dir}; "
+          f"upload later with python -m flatray.tracking sync {wandb_dir}", flush=True)
 
 
 def run_id(sweep: str, trial_id: str) -> str:

@@ -1,12 +1,14 @@
 """What a run gets in each Ray Train worker, whatever its method: `RunContext`.
 
 `train_worker` is Ray Train's train_loop_per_worker: it sets up what every method needs (the worker's place in the
-group, the task's data, the tokenizer) and calls the run function the registry (flatray.methods) names for the run
-config's kind. A run function reads the context, trains with flatray.train.loop and reports through `ctx.report`.
+group, the task's data, the tokenizer, the checkpoint a retried or resumed run restored) and calls the run function
+the registry (flatray.methods) names for the run config's kind. A run function reads the context, trains with
+flatray.train.loop and reports through `ctx.report`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tempfile
@@ -18,6 +20,8 @@ import numpy as np
 
 from flatray import methods
 from flatray.config import RunConfig
+from flatray.train import checkpoint
+from flatray.train.checkpoint import BEST, Resumed
 
 
 def seed_everything(seed: int) -> None:
@@ -88,6 +92,7 @@ class RunContext:
     tokenizer: Any
     tokenized: Any  # flatray.data: train features and eval sets
     collate: Callable[[list[dict]], dict]
+    resumed: Resumed | None = None  # the checkpoint a retried or resumed run continues from
 
     def evaluate(self, module) -> dict[str, float]:
         """Dev metrics of `module` under the run's compute precision, gathered from every worker."""
@@ -105,15 +110,21 @@ class RunContext:
         metrics["score"] = metrics[f"{self.spec.eval_splits[0]}/{self.spec.main_metric}"]
         return metrics
 
-    def report(self, metrics: dict, save: Callable[[Path], None] | None = None) -> None:
-        """ray.train.report from every worker; rank 0 attaches a checkpoint written by `save(folder)`."""
+    def report(self, metrics: dict, save: Callable[[Path], None] | None = None, best: bool = True,
+               state: Callable[[Path], None] | None = None) -> None:
+        """ray.train.report from every worker, with a checkpoint when `save` is given: rank 0 writes the method's
+        files with `save(folder)`, and every worker adds `state(folder)` (what continuing exactly needs) to its own
+        copy of the folder, which Ray Train merges into one. `best`: the checkpoint holds the best model so far."""
         import ray.train
 
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if self.rank == 0 and save is not None:
+            if save is not None and self.rank == 0:
                 save(Path(tmp))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            if save is not None and state is not None:
+                state(Path(tmp))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp) if any(Path(tmp).iterdir()) else None
+            if save is not None:
+                metrics = {**metrics, BEST: int(best)}  # after save, which may add to metrics (SQuAT's export size)
             ray.train.report(metrics, checkpoint=checkpoint)
 
     def log(self, text: str) -> None:
@@ -122,13 +133,16 @@ class RunContext:
 
     def train_loader(self):
         """The worker's shard of the training set, in batches of batch_size / world (full batches only)."""
+        import torch
         from torch.utils.data import DataLoader, DistributedSampler
 
         train = self.tokenized.train
         sampler = DistributedSampler(train, num_replicas=self.world, rank=self.rank, shuffle=True,
                                      seed=self.cfg.train.seed)
+        # Its own generator: starting an epoch's iterator then draws nothing from the global RNG, whose stream
+        # (dropout) depends on the steps taken only, so a run resumed mid-epoch draws what an unbroken one draws.
         loader = DataLoader(train, batch_size=self.cfg.train.batch_size // self.world, sampler=sampler,
-                            collate_fn=self.collate, drop_last=True)
+                            collate_fn=self.collate, drop_last=True, generator=torch.Generator())
         if len(loader) == 0:
             raise ValueError(f"train set of {len(train)} examples gives no full batch of {self.cfg.train.batch_size}")
         return loader
@@ -140,8 +154,45 @@ class RunContext:
                 for i in range(0, n, size)]
 
 
+def local_inputs(cfg: RunConfig) -> RunConfig:
+    """The run config with its cloud inputs (a parent's checkpoint or mask in s3://...) copied to this node:
+    Hugging Face and safetensors read local files."""
+    from flatray import storage
+
+    prune = cfg.prune.model_copy(update={k: storage.local_copy(v) for k, v in
+                                         (("parent", cfg.prune.parent), ("mask", cfg.prune.mask)) if v})
+    return cfg.model_copy(update={"model": storage.local_copy(cfg.model), "prune": prune})
+
+
 def train_worker(run_config: dict) -> None:
-    """Ray Train's train_loop_per_worker: set up, then the run function of the run's method."""
+    """Ray Train's train_loop_per_worker: set up, then the run function of the run's method. An error carries the
+    path of this worker's log (a note under the exception), which the sweep shows wherever it shows the error."""
+    try:
+        _run_worker(run_config)
+    except Exception as err:
+        log = worker_log()
+        if log and hasattr(err, "add_note"):
+            err.add_note(f"{WORKER_LOG_NOTE} {log}")
+        raise
+
+
+WORKER_LOG_NOTE = "worker log:"
+
+
+def worker_log() -> str | None:
+    """This Ray worker's stderr log, <session>/logs/worker-<id>-<job>-<pid>.err on its node, which holds the
+    traceback (its stdout, with the progress lines, is the .out beside it); None if not found."""
+    try:
+        import ray
+
+        logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())  # Ray has no public accessor
+        found = sorted(logs.glob(f"worker-*-{os.getpid()}.err"))
+        return str(found[-1]) if found else None
+    except Exception:
+        return None
+
+
+def _run_worker(run_config: dict) -> None:
     import deepspeed
     import ray.train
     import ray.train.torch
@@ -150,7 +201,7 @@ def train_worker(run_config: dict) -> None:
     from flatray import data, models
 
     quiet_libraries()
-    cfg = RunConfig.model_validate(run_config)
+    cfg = local_inputs(RunConfig.model_validate(run_config))
     method = methods.by_run_kind(cfg.kind)
     train_context = ray.train.get_context()
     device = torch.device("cpu") if method.cpu_only else ray.train.torch.get_device()
@@ -164,4 +215,7 @@ def train_worker(run_config: dict) -> None:
                               cfg.data.max_train_samples, cfg.data.max_eval_samples)
     ctx = RunContext(cfg, train_context.get_world_rank(), train_context.get_world_size(), device, spec, tokenizer,
                      tokenized, data.collator(tokenizer))
-    method.load_run()(ctx)
+    restored = ray.train.get_checkpoint()  # the latest checkpoint of a retried or resumed run
+    with restored.as_directory() if restored else contextlib.nullcontext() as folder:
+        ctx.resumed = checkpoint.read(Path(folder)) if folder else None
+        method.load_run()(ctx)

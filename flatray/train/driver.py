@@ -4,7 +4,8 @@ The driver validates the run file (before Ray starts), then runs a Ray Train `To
 the model in a DeepSpeed engine and run the method its `kind` names (flatray.train.context, flatray.methods).
 
 A fine-tuning checkpoint is a plain Hugging Face model folder (config.json, model.safetensors, tokenizer files) plus
-`flatray_run.yaml` (the resolved run config), `metrics.json`, `history.json` and, for pruned runs, `mask.safetensors`.
+`flatray_run.yaml` (the resolved run config), `metrics.json`, `history.json`, for pruned runs `mask.safetensors`, and
+`resume/`, the state a retried or resumed run continues from exactly (flatray.train.checkpoint).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH":
 
 
 def init_ray(address: str | None, cpus_needed: int, use_gpu: bool) -> None:
-    """Connect to a cluster, or start a local Ray on the loopback address (nothing leaves the machine)."""
-    if not address and not os.environ.get("RAY_ADDRESS"):
+    """Connect to a cluster (`address`, else RAY_ADDRESS), or start a local Ray on the loopback address (nothing
+    leaves the machine)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
         keep_local_ray_on_loopback()
     import ray
 
@@ -41,7 +44,19 @@ def init_ray(address: str | None, cpus_needed: int, use_gpu: bool) -> None:
         ray.init(address=address, runtime_env={"env_vars": env})
         return
     # The dashboard (bound to 127.0.0.1) stays on: Ray Train V2 cleans up placement groups through its State API.
-    ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), runtime_env={"env_vars": env})
+    # address "local": a new Ray even where `ray start` left this machine's default cluster address behind.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed), runtime_env={"env_vars": env})
+    keep_credentials_out_of_runtime_envs()
+
+
+def keep_credentials_out_of_runtime_envs() -> None:
+    """Ray Tune copies the driver's AWS credentials into each trial's runtime env, and Ray's runtime env agent logs
+    runtime envs in plain text (<Ray temp dir>/session_*/logs/runtime_env_agent.log). A local Ray's processes
+    inherit the driver's environment, credentials included: the copy is not needed there."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = class_cache.ENV_VARS_TO_PROPAGATE - {
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"}
 
 
 def keep_local_ray_on_loopback() -> None:
@@ -58,6 +73,8 @@ def make_trainer(cfg: RunConfig, callbacks: list = ()):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from flatray.train.checkpoint import BEST
+
     resources = cfg.scaling.resources_per_worker
     return TorchTrainer(
         train_worker,
@@ -68,8 +85,11 @@ def make_trainer(cfg: RunConfig, callbacks: list = ()):
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
             storage_path=cfg.storage_uri,
-            # Workers attach a checkpoint only when the dev score improves, so the latest one is the best one.
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            # Every epoch ends with a checkpoint; its report says whether it holds the best model so far. Ray keeps
+            # the latest that does (Result.best_checkpoints) and, always, the latest (Result.checkpoint, restored by
+            # a retried or resumed run).
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=BEST,
+                                                         checkpoint_score_order="max"),
             callbacks=list(callbacks),
             # Ray Train's INFO lines (worker-group start-up, resource requests) add nothing to flatray's own.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
@@ -78,7 +98,8 @@ def make_trainer(cfg: RunConfig, callbacks: list = ()):
 
 
 def fit(cfg: RunConfig):
-    """Run `cfg` on Ray Train and return Ray's `Result` (metrics of the last epoch, best checkpoint)."""
+    """Run `cfg` on Ray Train and return Ray's `Result`: `best_checkpoints[-1]` is the best dev checkpoint (with its
+    metrics), `checkpoint` and `metrics` the latest."""
     per_worker = (cfg.scaling.resources_per_worker or {}).get("CPU", 1)
     init_ray(cfg.address, int(cfg.scaling.num_workers * per_worker) + 1, cfg.scaling.use_gpu)
     return make_trainer(cfg).fit()
@@ -95,16 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="Ray cluster address (default: the run file's, else a local Ray)")
     args = parser.parse_args(argv)
 
-    from flatray import data, models
+    from flatray.sweep import preflight
 
     try:
         cfg = config_lib.load(args.run_file, args.set)
         if args.address:
             cfg.address = args.address
-        models.resolve(cfg.model)  # a missing offline model fails here, not in a worker
-        if cfg.data.source == "hub":
-            data.check_hub(data.TASKS[cfg.task], cfg.data.path)  # so does an unreachable hub dataset
-    except (ConfigError, models.ModelNotFound, data.DataError) as err:
+        preflight.check_run(cfg)  # an unwritable storage, a missing model, an unknown hub id: here, not in a worker
+    except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -1,10 +1,10 @@
 """THE epoch loop: every method that trains (fine-tuning, both CoFi phases, SQuAT) runs its epochs here.
 
 Each epoch: the method's step on every batch of the worker's shard, evaluation on the dev sets, the epoch's metrics
-(the method adds its own), and a report to Ray Train from every worker. Rank 0 attaches a checkpoint when the dev
-score beats the phase's best (or every epoch, for a phase whose latest state is what a resumed run needs), so the
-latest checkpoint Ray keeps is where a retried run continues: `run_phase` starts after the last epoch in the
-history the method restored (flatray.train.checkpoint.restore), with the lr schedule where it was.
+(the method adds its own), and a report to Ray Train from every worker with a checkpoint: the method's files (rank
+0) and the state that continuing exactly needs (every worker: flatray.train.checkpoint). With
+`train.checkpoint_every_steps` N, also every N steps of a phase. A retried or resumed run restores the latest
+checkpoint, and `run_phase` puts its state back and continues at the very step where it was saved.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from flatray.train import checkpoint
+from flatray.train.checkpoint import Position
 from flatray.train.context import RunContext
 
 PROGRESS_EVERY_S = 30
@@ -50,13 +52,15 @@ class Phase:
     loader: Any  # the worker's DataLoader (a DistributedSampler inside)
     epochs: range  # the epoch numbers of this phase (CoFi's fine-tuning continues the count of its pruning)
     step: Callable[[dict, int], float] | None  # (batch on the device, steps done in this phase) -> loss; None: no training
-    save: Callable[[Path, dict, list[dict]], None]  # (folder, the epoch's metrics, history) -> a checkpoint
+    save: Callable[[Path, dict, list[dict]], None]  # (folder, the epoch's metrics, history) -> the method's files
     metrics: Callable[[], dict] = dict  # the method's own metrics of the epoch, after evaluation
     evaluate: Callable[[], dict] | None = None  # default: ctx.evaluate(engine.module)
     label: str = "epoch"
     number: int | None = None  # recorded as `phase` in its metrics when a method has several
-    checkpoint_every_epoch: bool = False  # the latest state, not the best, is what resuming this phase needs
+    output: bool = True  # its checkpoints hold the run's output: its best one is kept (not CoFi's masked student)
     keep_best: bool = False  # keep the best epoch's weights in memory (its sharpness is measured at the end)
+    state: Callable[[], dict] | None = None  # the method's own state outside the engine (CoFi: masks), checkpointed
+    load_state: Callable[[dict], None] | None = None  # puts `state()` back in a resumed run
     best_state: dict | None = field(default=None, init=False)
 
 
@@ -65,25 +69,22 @@ def _mine(history: list[dict], phase: Phase) -> list[dict]:
 
 
 def run_phase(ctx: RunContext, phase: Phase, history: list[dict]) -> list[dict]:
-    """Run the epochs of `phase` not yet in `history` (appended to it, and returned)."""
+    """Run the epochs of `phase` not yet done (appended to `history`, and returned)."""
     engine, steps_per_epoch = phase.engine, len(phase.loader)
-    done = [h["epoch"] for h in _mine(history, phase) if h["epoch"] in phase.epochs]
-    todo = [e for e in phase.epochs if e > max(done, default=phase.epochs.start - 1)]
-    for _ in range(len(done) * steps_per_epoch if phase.step else 0):
-        engine.lr_scheduler.step()  # the schedule continues where the checkpoint left it
+    at = _resume(ctx, phase, history)
     best = max((h["score"] for h in _mine(history, phase)), default=-math.inf)
-    if done:
-        ctx.log(f"resumed after {phase.label} {done[-1]} (best score {best:.4f})")
-        if phase.keep_best:  # the restored weights are the best so far (Ray keeps the best checkpoint)
-            phase.best_state = _clone(engine.module)
-    for epoch in todo:
-        start = last_note = time.perf_counter()
-        losses = []
+    every = ctx.cfg.train.checkpoint_every_steps
+    for epoch in range(at.epoch, phase.epochs.stop):
+        first, losses, before = (at.step, list(at.losses), at.seconds) if epoch == at.epoch else (0, [], 0.0)
+        start = last_note = time.perf_counter() - before
         if phase.step:
             phase.loader.sampler.set_epoch(epoch)
-            for i, batch in enumerate(phase.loader):
-                losses.append(phase.step({k: v.to(ctx.device) for k, v in batch.items()},
-                                         (epoch - phase.epochs.start) * steps_per_epoch + i))
+            batches = iter(phase.loader)
+            for _ in range(first):  # done before the checkpoint (an epoch's order is fixed by its seed)
+                next(batches)
+            for i, batch in enumerate(batches, start=first):
+                done = (epoch - phase.epochs.start) * steps_per_epoch + i  # steps of this phase before this one
+                losses.append(phase.step({k: v.to(ctx.device) for k, v in batch.items()}, done))
                 # fp16 may overflow a step's loss; the loss scaler then skips that step (the weights stay finite).
                 if not math.isfinite(losses[-1]) and ctx.cfg.deepspeed.precision != "fp16":
                     raise _diverged(ctx, f"{phase.label} {epoch} step {i + 1}", f"loss {losses[-1]}")
@@ -92,6 +93,9 @@ def run_phase(ctx: RunContext, phase: Phase, history: list[dict]) -> list[dict]:
                     last_note = time.perf_counter()
                     ctx.log(f"{phase.label} {epoch}/{phase.epochs[-1]} step {i + 1}/{steps_per_epoch} loss "
                             f"{np.mean(losses[-50:]):.4f} ({(i + 1) / (last_note - start):.2f} steps/s)")
+                if every and (done + 1) % every == 0 and i + 1 < steps_per_epoch:
+                    _report_step(ctx, phase, history, Position(phase.number, epoch, i + 1, list(losses),
+                                                               time.perf_counter() - start))
             _check_weights(ctx, engine.module, f"the end of {phase.label} {epoch}")
         metrics = phase.evaluate() if phase.evaluate else ctx.evaluate(engine.module)
         metrics.update(phase.metrics())
@@ -108,9 +112,42 @@ def run_phase(ctx: RunContext, phase: Phase, history: list[dict]) -> list[dict]:
                 f"({metrics['epoch_seconds']:.1f} s){'  *best*' if improved else ''}")
         if improved and phase.keep_best:
             phase.best_state = _clone(engine.module)
-        save = (lambda folder, m=metrics: phase.save(folder, m, history))
-        ctx.report(metrics, save if improved or phase.checkpoint_every_epoch else None)
+        ctx.report(metrics, lambda folder, m=metrics: phase.save(folder, m, history), best=improved and phase.output,
+                   state=_saver(ctx, phase, Position(phase.number, epoch + 1)))
     return history
+
+
+def _resume(ctx: RunContext, phase: Phase, history: list[dict]) -> Position:
+    """Where `phase` starts: at its first epoch, or, when the run restored a checkpoint of this phase, where that
+    checkpoint was saved, with the engine, the method's state, the RNG streams (and the best weights) put back."""
+    resumed = ctx.resumed
+    if resumed is None or resumed.position is None or resumed.position.phase != phase.number:
+        return Position(phase.number, phase.epochs.start)
+    own = checkpoint.restore_state(resumed, ctx, phase.engine)
+    if phase.load_state is not None:
+        phase.load_state(own)
+    if phase.keep_best:
+        phase.best_state = checkpoint.load_best(resumed)
+    at = resumed.position
+    best = max((h["score"] for h in _mine(history, phase)), default=-math.inf)
+    ctx.log(f"resumed at {phase.label} {at.epoch} step {at.step} (best score {best:.4f})")
+    return at
+
+
+def _saver(ctx: RunContext, phase: Phase, position: Position) -> Callable[[Path], None]:
+    """What every worker adds to a checkpoint of `phase` so that a run can continue from `position`."""
+    return lambda folder: checkpoint.save_state(folder, ctx, phase.engine, position,
+                                                phase.state() if phase.state else None,
+                                                phase.best_state if phase.keep_best else None)
+
+
+def _report_step(ctx: RunContext, phase: Phase, history: list[dict], position: Position) -> None:
+    """A checkpoint inside an epoch. Its report repeats what is known (the last epoch's metrics) with the step, so
+    that Tune, ASHA and W&B see no new epoch; before the first epoch ends the score is not known yet."""
+    known = dict(history[-1]) if history else {"epoch": phase.epochs.start - 1, "score": math.nan}
+    ctx.log(f"checkpoint at {phase.label} {position.epoch} step {position.step}")
+    ctx.report({**known, "checkpoint_step": position.step}, lambda folder: phase.save(folder, dict(known), history),
+               best=False, state=_saver(ctx, phase, position))
 
 
 def report_best_with_sharpness(ctx: RunContext, phase: Phase, history: list[dict], drop: tuple[str, ...] = ()) -> None:
@@ -118,11 +155,22 @@ def report_best_with_sharpness(ctx: RunContext, phase: Phase, history: list[dict
     and W&B have it whichever epoch was best. `drop`: metrics of the best epoch its checkpoint rewrites."""
     from flatray.methods.sharpness import sharpness_metrics
 
-    phase.engine.module.load_state_dict(phase.best_state)
+    if phase.best_state is None:
+        raise RuntimeError("no best weights to measure: the run continued from a checkpoint written without "
+                           "sharpness.enabled and no later epoch beat it")
+    module = phase.engine.module
+    last = _clone(module)
+    module.load_state_dict(phase.best_state)
     best = max(_mine(history, phase), key=lambda m: m["score"])
     final = {k: v for k, v in best.items() if k not in drop}
-    final.update(sharpness_metrics(ctx, phase.engine.module))
-    ctx.report(final, lambda folder: phase.save(folder, final, history))
+    final.update(sharpness_metrics(ctx, module))
+    save_state = _saver(ctx, phase, Position(phase.number, phase.epochs.stop))
+
+    def state(folder: Path) -> None:
+        module.load_state_dict(last)  # a run that continues after this checkpoint continues the last epoch
+        save_state(folder)
+
+    ctx.report(final, lambda folder: phase.save(folder, final, history), state=state)
 
 
 def _clone(module) -> dict:
