@@ -105,9 +105,26 @@ def run(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProces
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
+        linger(proc.pid, 30)  # what a user's machine gives them: time to exit on their own
     finally:
         kill_session(proc.pid)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def linger(sid: int, seconds: float) -> None:
+    """Wait up to `seconds` for the processes left in session sid (W&B's service, Ray's) to exit."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        left = []
+        for proc in psutil.process_iter():
+            try:
+                if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
+                    left.append(proc)
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                pass
+        if not left:
+            return
+        time.sleep(0.5)
 
 
 def kill_session(sid: int) -> None:

@@ -92,6 +92,12 @@ class WandbTrials(Callback):
                 self._safe("finish", trial_id, run.finish, exit_code=1)
             self._runs.clear()
             self._safe("offline start", "(waiting)", self._open_waiting)
+        if self.mode != "disabled":
+            # Wait here for W&B's service to write out every run: its atexit hook is not reliable under Ray's
+            # driver, and a run whose last records were still buffered would read back unfinished.
+            import wandb
+
+            self._safe("teardown", "(all)", wandb.teardown)
 
     # -- the work ------------------------------------------------------------------------------------------------
 
