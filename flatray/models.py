@@ -140,6 +140,9 @@ def load_model(name: str, spec: TaskSpec, **config_overrides) -> PreTrainedModel
         if spec.kind == "qa":
             return AutoModelForQuestionAnswering.from_pretrained(path, **config_overrides)
         problem = "regression" if spec.kind == "regression" else "single_label_classification"
+        if spec.label_names:  # a defined task's classes: config.json records which id is which label
+            config_overrides = {"id2label": dict(enumerate(spec.label_names)),
+                                "label2id": {n: i for i, n in enumerate(spec.label_names)}, **config_overrides}
         return AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=spec.num_labels, problem_type=problem, **config_overrides
         )

@@ -70,38 +70,88 @@ def test_prob_nonzero_matches_monte_carlo():
     torch.testing.assert_close(empirical, masks.prob_nonzero("hidden").detach(), atol=0.015, rtol=0)
 
 
-def test_init_droprate_half_gives_half_nonzero():
+def test_init_keeps_the_structures_and_puts_the_units_at_the_droprate():
+    # As in CoFi's code: layers, heads and hidden dims start kept (log_alpha at the top of the clamp range), the FFN
+    # units at P(z = 0) = droprate_init; the expected sparsity starts at the units' share, near the ramp's 0.
     masks = cofi.CoFiMasks(small_config(), cofi.CoFiConfig(ramp_steps=1, droprate_init=0.5))
-    for name in cofi.MASK_NAMES:
-        p = masks.prob_nonzero(name).detach()
-        assert (p - 0.5).abs().max() < 0.02  # the 0.01 tie-breaking noise on log_alpha moves p by < 0.01
+    for name in ("attn_layer", "ffn_layer", "heads", "hidden"):
+        assert torch.equal(masks.log_alpha[name].detach(), torch.full_like(masks.log_alpha[name], math.log(100)))
+    p = masks.prob_nonzero("units").detach()
+    assert (p - 0.5).abs().max() < 0.02  # the 0.01 tie-breaking noise on log_alpha moves p by < 0.01
+    # attention and FFN are half of the prunable weights each here (128 of 256); everything is at P 0.998 but the
+    # units, at 0.5: s = 1 - 0.5 * 0.998^3 (layer, head, hidden) - 0.5 * 0.998^2 * 0.5 (layer, hidden, unit)
+    kept = 0.5 * 0.998 ** 3 + 0.5 * 0.998 ** 2 * p.mean().item()
+    assert masks.expected_sparsity().item() == pytest.approx(1 - kept, abs=1e-3)
     torch.manual_seed(1)
     masks.train()
     z = torch.cat([masks()["units"].flatten() for _ in range(2000)])
     assert abs((z == 0).float().mean().item() - 0.5) < 0.01
 
 
-def test_eval_masks_are_deterministic_and_keep_the_expected_count():
+def kept_size(masks, z):
+    """Prunable weights the masks z leave: (4 head_dim heads + 2 units) * hidden per layer, as `prune` counts."""
+    hidden = int((z["hidden"] != 0).sum())
+    per_layer = [4 * masks.head_dim * int((z["heads"][i] != 0).sum()) * bool(z["attn_layer"][i])
+                 + 2 * int((z["units"][i] != 0).sum()) * bool(z["ffn_layer"][i]) for i in range(masks.num_layers)]
+    return sum(per_layer) * hidden
+
+
+def test_eval_masks_are_deterministic_keep_the_top_log_alpha_and_the_expected_size():
     torch.manual_seed(0)
-    masks = cofi.CoFiMasks(BertConfig(hidden_size=8, num_hidden_layers=3, num_attention_heads=2,
-                                      intermediate_size=16), cofi.CoFiConfig(ramp_steps=1))
-    with torch.no_grad():
-        for p in masks.log_alpha.values():
-            p.normal_(0, 2)
-    masks.eval()
-    a, b = masks(), masks()
+    config = BertConfig(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96)
+    masks = cofi.CoFiMasks(config, cofi.CoFiConfig(ramp_steps=1))
+    total = 3 * (4 * 48 * 48 + 2 * 48 * 96)
+    for trial in range(5):
+        with torch.no_grad():
+            for p in masks.log_alpha.values():
+                p.normal_(0, 2)
+        masks.eval()
+        a, b = masks(), masks()
+        n_hidden, n_heads, n_units = masks.counts()
+        for name in cofi.MASK_NAMES:
+            assert torch.equal(a[name], b[name])
+        assert n_hidden == math.floor(masks.prob_nonzero("hidden").sum().item() + 0.5)
+        assert int((a["hidden"] != 0).sum()) == n_hidden
+        for name, counts in (("heads", n_heads), ("units", n_units), ("hidden", [n_hidden])):
+            la = masks.log_alpha[name].detach().reshape(-1, a[name].shape[-1])
+            z = a[name].detach().reshape(la.shape)
+            for row in range(la.shape[0]):
+                kept = z[row] != 0
+                assert kept.sum() == counts[row]
+                if 0 < counts[row] < la.shape[1]:  # the kept ones are those with the largest log_alpha
+                    assert la[row][kept].min() >= la[row][~kept].max()
+                torch.testing.assert_close(z[row][kept], torch.sigmoid(0.8 * la[row][kept] / (2 / 3)))
+        for i in range(3):  # a layer mask is on exactly while its layer keeps something
+            assert bool(a["attn_layer"][i]) == (n_heads[i] > 0) and bool(a["ffn_layer"][i]) == (n_units[i] > 0)
+        # the model they leave has the expected size, to within one FFN unit (2 * hidden weights)
+        expected = (1 - masks.expected_sparsity().item()) * total
+        assert abs(kept_size(masks, a) - expected) <= 2 * n_hidden
+        assert masks.deterministic_sparsity() == pytest.approx(1 - kept_size(masks, a) / total)
+
+
+def test_eval_masks_realize_the_expected_size_when_no_mask_is_decisive():
+    # What short runs end with: every mask at the same P = 0.8 (Adam moves them in lockstep). CoFi's own counts
+    # (round(sum P) per group, a layer kept iff P >= 0.5) keep every layer, 2 of 2 heads, 102 of 128 units and 51 of
+    # 64 hidden dims: sparsity 0.28 where the expected one is 1 - 0.8^3 = 0.488.
+    masks = cofi.CoFiMasks(models.load_model("tiny-bert", TASKS["toy"]).config, cofi.CoFiConfig(ramp_steps=1))
     for name in cofi.MASK_NAMES:
-        assert torch.equal(a[name], b[name])
-        la = masks.log_alpha[name].detach().reshape(-1, a[name].shape[-1])
-        z = a[name].detach().reshape(la.shape)
-        probs = masks.prob_nonzero(name).detach().reshape(la.shape)
-        for row in range(la.shape[0]):
-            keep = int(math.floor(probs[row].sum().item() + 0.5))
-            kept = z[row] != 0
-            assert kept.sum() == keep
-            if 0 < keep < la.shape[1]:  # the kept ones are those with the largest log_alpha
-                assert la[row][kept].min() > la[row][~kept].max()
-            torch.testing.assert_close(z[row][kept], torch.sigmoid(0.8 * la[row][kept] / (2 / 3)))
+        set_prob(masks, name, 0.8)
+    masks.eval()
+    expected = masks.expected_sparsity().item()
+    assert expected == pytest.approx(1 - 0.8 ** 3, abs=1e-5)
+    cofi_counts = (2 * (4 * 32 * 2 + 2 * 102)) * 51 / 65536
+    assert 1 - cofi_counts == pytest.approx(0.28, abs=0.01)
+    n_hidden, n_heads, n_units = masks.counts()
+    assert n_hidden == 51 and n_heads == [1, 1]  # round(0.8 * 2 * 0.8) = 1 head per layer
+    assert abs(masks.deterministic_sparsity() - expected) < 2 * 51 / 65536
+    # where the units cannot take up the rounding (they would all be kept, and more), a head does
+    for name in ("attn_layer", "heads"):
+        set_prob(masks, name, 0.72)  # 0.72 * 2 * 0.72 = 1.04 heads per layer: 1 each ...
+    for name in ("units", "ffn_layer", "hidden"):
+        set_prob(masks, name, 1)  # ... and the rest of the expected size would need 261 of the 256 units
+    _, n_heads, n_units = masks.counts()
+    assert sorted(n_heads) == [1, 2] and sum(n_units) == 197
+    assert abs(masks.deterministic_sparsity() - masks.expected_sparsity().item()) < 0.005
 
 
 # ---------------------------------------------------------------- losses by hand
@@ -171,22 +221,36 @@ def test_expected_sparsity_by_hand():
     assert masks.expected_sparsity().item() == pytest.approx(1 - (256 - 64 - 32 - 16) / 256, abs=1e-6)
 
 
-def test_lambdas_ascend_while_masks_descend():
-    masks = cofi.CoFiMasks(small_config(), cofi.CoFiConfig(ramp_steps=1, lr_masks=0.1, lr_lambdas=0.1))
-    opt = cofi.mask_optimizer(masks)
+@pytest.mark.parametrize("target, lambda_1, la_step", [(0.2, 1.0, +1), (0.6, 1.0, +1), (0.6, -1.0, -1)])
+def test_one_step_ascends_the_multipliers_and_descends_the_masks_by_hand(target, lambda_1, la_step):
+    """Adam's first step is lr * sign(gradient) (m / sqrt(v) = g / |g|). L = l1 (s - t) + l2 (s - t)^2:
+    dL/dl1 = s - t, dL/dl2 = (s - t)^2 >= 0, so the multipliers go up those (ascent); dL/dlog_alpha =
+    (l1 + 2 l2 (s - t)) ds/dlog_alpha with ds/dlog_alpha < 0, so the masks go up (s down) while l1 + 2 l2 (s - t) > 0."""
+    lr = 0.1
+    masks = cofi.CoFiMasks(small_config(), cofi.CoFiConfig(ramp_steps=1, lr_masks=lr, lr_lambdas=lr))
     with torch.no_grad():
-        masks.lambda_1.fill_(1.0)
+        for p in masks.log_alpha.values():
+            p.zero_()  # P(z != 0) = sigmoid(1.599) = 0.832 everywhere: s = 1 - 0.832^3 = 0.424
+        masks.log_alpha["hidden"][0] = math.log(100) - 0.05  # near the top of CoFi's range
+        masks.lambda_1.fill_(lambda_1)
         masks.lambda_2.fill_(1.0)
-    s0, target = masks.expected_sparsity(), 0.2
-    assert s0.item() > target + 0.5  # P(z != 0) = 0.5 everywhere: s about 0.875
-    before = cofi.lagrangian(s0.detach(), target, masks.lambda_1.detach().clone(), masks.lambda_2.detach().clone())
-    opt.zero_grad()
-    cofi.lagrangian(s0, target, masks.lambda_1, masks.lambda_2).backward()
+    s = masks.expected_sparsity()
+    gap = s.item() - target
+    assert s.item() == pytest.approx(1 - torch.sigmoid(torch.tensor(1.599)).item() ** 3, abs=2e-3)
+    assert (lambda_1 + 2 * gap > 0) == (la_step > 0)  # the case: which way the masks must go
+    opt = cofi.mask_optimizer(masks)
+    cofi.lagrangian(s, target, masks.lambda_1, masks.lambda_2).backward()
     opt.step()
-    assert masks.lambda_1.item() > 1.0 and masks.lambda_2.item() > 1.0  # d/d lambda_1 = s - t > 0: up
-    # the new multipliers make the Lagrangian larger at the old s (ascent), the masks make s smaller (descent)
-    assert cofi.lagrangian(s0.detach(), target, masks.lambda_1, masks.lambda_2).item() > before.item()
-    assert masks.expected_sparsity().item() < s0.item()
+    assert masks.lambda_1.item() == pytest.approx(lambda_1 + lr * math.copysign(1, gap), abs=1e-6)
+    assert masks.lambda_2.item() == pytest.approx(1.0 + lr, abs=1e-6)
+    for name, p in masks.log_alpha.items():
+        moved = p.detach().flatten()
+        if name == "hidden":
+            top = math.log(100) if la_step > 0 else math.log(100) - 0.05 - lr
+            assert moved[0].item() == pytest.approx(top, abs=1e-6)  # clamped into CoFi's range after the step
+            moved = moved[1:]
+        torch.testing.assert_close(moved, torch.full_like(moved, la_step * lr), atol=1e-6, rtol=0)
+    assert (masks.expected_sparsity().item() < s.item()) == (la_step > 0)
 
 
 # ---------------------------------------------------------------- masked forward and sparsity control

@@ -88,7 +88,7 @@ def _glue_files(spec, tmp_path, ext, n_train=24, n_eval=10):
 
 def test_task_registry():
     assert set(TASKS) == {"mnli", "qqp", "qnli", "sst2", "rte", "mrpc", "cola", "stsb", "squad", "toy", "toy-topic",
-                          "rotten-tomatoes"}
+                          "rotten-tomatoes", "convention-party"}
     assert TASKS["stsb"].kind == "regression" and TASKS["stsb"].num_labels == 1
     assert TASKS["mnli"].eval_splits == ("validation_matched", "validation_mismatched")
     assert TASKS["cola"].main_metric == "matthews" and TASKS["stsb"].main_metric == "pearson"

@@ -7,17 +7,18 @@ message names the key, the bad value and what is allowed. Keys left out take the
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from flatray import methods
-from flatray.config.errors import exists
-from flatray.data.tasks import TASKS
+from flatray.config.errors import _allowed_keys, exists
+from flatray.data.tasks import TASKS, TaskDefinition, TaskSpec
 
 
 class Section(BaseModel):
@@ -46,10 +47,26 @@ class TrainConfig(Section):
     schedule: Literal["linear", "constant"] = "linear"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    l1: float = Field(0.0, ge=0, description="lambda of an l1 penalty: the loss is task loss + lambda * sum |w| over "
+                      "the prunable weights (the set IMP prunes), at both passes of a SAM step; P1 A.7's control. "
+                      "kind finetune only (dense runs, IMP levels, transfers)")
     seed: int = Field(42, ge=0, le=2**32 - 1)  # numpy's seeds are 32-bit
     checkpoint_every_steps: int | None = Field(
         None, gt=0, description="also checkpoint every N optimizer steps of a phase (default: at epoch ends only); "
         "the result does not depend on it (a resumed run ends bit-identical), so it is not part of the run hash")
+
+
+class SWAConfig(Section):
+    """Stochastic weight averaging (P1 3.4.7, A.2): the run's model is the equal average of the weights at points
+    spread over the last part of fine-tuning, evaluated, checkpointed and pruned by a next IMP level in place of the
+    best epoch. kind finetune only (dense runs, IMP levels, transfers). P1 trains SWA runs with train.lr 8e-5."""
+
+    enabled: bool = False
+    start: float = Field(0.5, ge=0, lt=1, description="average the points after this fraction of training (P1: the "
+                         "last 50%)")
+    every: float | None = Field(None, gt=0, description="epochs between points, counted from the start of training "
+                                "(train.epochs must be a multiple); default 0.5 for runs of 3 epochs or fewer, else "
+                                "1. P1: 10 epochs -> after epochs 6..10; 3 epochs -> after 2, 2.5 and 3")
 
 
 class OptimizerConfig(Section):
@@ -143,6 +160,23 @@ class PTQConfig(Section):
     embeddings: bool = Field(False, description="also int8 embedding tables (weight-only, per row); P1: Linear only")
 
 
+class OneShotConfig(Section):
+    """One-shot magnitude pruning of a finished run without retraining (P1 A.3, Figure 7), for kind: oneshot. The
+    dense model (0%) is always evaluated too."""
+
+    sparsities: list[float] = Field([round(0.05 * k, 2) for k in range(1, 13)], min_length=1,
+                                    description="fractions of the prunable weights to prune, each evaluated; "
+                                    "default P1's 5%, 10%, ..., 60%")
+
+    @field_validator("sparsities")
+    @classmethod
+    def _fractions(cls, sparsities):
+        if not all(0 < s < 1 for s in sparsities) or len(set(sparsities)) < len(sparsities):
+            raise ValueError("distinct fractions in (0, 1), e.g. [0.05, 0.1, 0.6] (0, the dense model, is always "
+                             "evaluated)")
+        return sorted(sparsities)
+
+
 class CoFiConfig(Section):
     """CoFi structured pruning with distillation (METHODS.md section 5), for kind: cofi (alias: structured). `model`
     is the teacher (a finished fine-tuning checkpoint); the student starts as a copy of it. flatray.methods.cofi
@@ -157,9 +191,12 @@ class CoFiConfig(Section):
     alpha_ce: float = Field(1.0, ge=0, description="weight of the KL distillation (temperature T)")
     alpha_layer: float = Field(0.0, ge=0, description="weight of the hidden-state distillation (CoFi scripts: 0.9)")
     temperature: float = Field(2.0, gt=0)
-    droprate_init: float = Field(0.5, gt=0, lt=1, description="initial P(z = 0) of every mask")
+    droprate_init: float = Field(0.5, gt=0, lt=1, description="initial P(z = 0) of the FFN unit masks (the "
+                                 "layer, head and hidden masks start kept, as in CoFi's code)")
     lr_masks: float = Field(0.01, gt=0, description="lr of log_alpha (CoFi's reg_learning_rate)")
     lr_lambdas: float = Field(0.01, gt=0, description="lr of the Lagrange multipliers")
+    sparsity_tolerance: float = Field(0.01, ge=0, lt=1, description="the run fails when the pruned model's sparsity "
+                                      "is further than this from target_sparsity (P1: 95% accepted within 1%)")
     # The hard-concrete stretch and temperature (Louizos et al. 2018, as CoFi uses them): constants, not settings.
     limit_a: ClassVar[float] = -0.1
     limit_b: ClassVar[float] = 1.1
@@ -207,6 +244,21 @@ class SquatConfig(Section):
         return self
 
 
+class ContourConfig(Section):
+    """Loss contours (P1 A.2, Figure 6; flatray.methods.contour), for kind: contour: the loss on the plane through
+    `model` (w_init, the pretrained weights) and two fine-tuned checkpoints, one surface per checkpoint's head."""
+
+    models: list[str] = Field(default_factory=list, description="the two fine-tuned checkpoints (w_adam, w_sam); in a "
+                              "sweep, the checkpoints of the parent trials of its group (feed: group)")
+    labels: list[str] = Field(default_factory=list, description="their names (a sweep: the parents' optimizer.name); "
+                              "the plane's first axis points to the first")
+    grid: int = Field(11, ge=2, le=201, description="grid points per axis")
+    margin: float = Field(0.3, ge=0, le=10, description="the grid's extent beyond the three points on each side, as a "
+                          "fraction of theirs")
+    samples: int = Field(256, gt=0, description="the loss is over the first `samples` examples of `split`")
+    split: Literal["train", "dev"] = Field("train", description="train, or the task's first dev split")
+
+
 class OutputConfig(Section):
     storage_path: str = Field("results", description="local folder or s3:// / gs:// URI (Ray's storage_path)")
     name: str | None = Field(None, description="run name; default <task>-<optimizer>-<config hash>")
@@ -214,9 +266,12 @@ class OutputConfig(Section):
 
 class RunConfig(Section):
     kind: str = Field("finetune", description="the method this run runs (flatray.methods): finetune (also IMP "
-                      "levels and transfers); ptq, sharpness, cofi and squat start from model: a finished run's checkpoint")
+                      "levels and transfers); ptq, sharpness, oneshot, cofi and squat start from model: a "
+                      "finished run's checkpoint")
     model: str = Field(description="HF model id, local folder (e.g. a checkpoint), or a short name: tiny-bert, minilm-offline")
-    task: str
+    task: str = Field(description="a built-in task (flatray.data.tasks), or a mapping that defines one (docs/"
+                      "TRAINING.md: Tasks defined in a run file); task is then its name, the mapping task_definition")
+    task_definition: TaskDefinition | None = Field(None, description="the task defined under task: (set from it)")
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -224,9 +279,12 @@ class RunConfig(Section):
     scaling: ScalingConfig = ScalingConfig()
     prune: PruneConfig = PruneConfig()
     sharpness: SharpnessConfig = SharpnessConfig()
+    swa: SWAConfig = SWAConfig()
     ptq: PTQConfig = PTQConfig()
+    oneshot: OneShotConfig = OneShotConfig()
     cofi: CoFiConfig = Field(CoFiConfig(), validation_alias=AliasChoices("cofi", "structured"))
     squat: SquatConfig = SquatConfig()
+    contour: ContourConfig = ContourConfig()
     output: OutputConfig = OutputConfig()
     address: str | None = Field(None, description="Ray cluster address; none = start a local Ray")
 
@@ -239,26 +297,45 @@ class RunConfig(Section):
             raise ValueError(f"one of {', '.join(map(repr, runnable))}")
         return name
 
-    @field_validator("task")
+    @model_validator(mode="wrap")
     @classmethod
-    def _known_task(cls, task):
-        if task not in TASKS:
-            raise ValueError(f"one of {', '.join(TASKS)}")
-        return task
+    def _task_mapping(cls, data, handler):
+        """`task:` as a mapping defines a task: it is validated as task_definition and task becomes its name, so
+        whatever reads cfg.task (run names, reports) sees a name; its errors still read task.<key>."""
+        if not (isinstance(data, dict) and isinstance(data.get("task"), dict)):
+            return handler(data)
+        name = data["task"].get("name")
+        try:
+            return handler({**data, "task": name if isinstance(name, str) else "", "task_definition": data["task"]})
+        except ValidationError as err:
+            raise _as_task_errors(err) from None
 
     @model_validator(mode="after")
     def _resolve(self):
-        spec = TASKS[self.task]
+        if self.task_definition is None and self.task not in TASKS:
+            _fail("task", self.task, f"one of {', '.join(TASKS)}, or a mapping that defines a task (docs/TRAINING.md)")
+        if self.task_definition is not None and self.task != self.task_definition.name:
+            _fail("task", self.task, f"the name of task_definition ({self.task_definition.name!r})")
+        spec = self.task_spec
         # Fill what the file left out from the task's METHODS.md defaults.
         for section, key in (("data", "max_length"), ("train", "batch_size"), ("train", "lr"), ("train", "epochs")):
             if getattr(getattr(self, section), key) is None:
                 setattr(getattr(self, section), key, spec.defaults[key])
         if self.data.source is None:
-            self.data.source = "registry" if spec.registry else "builtin" if spec.hub_path is None else "hub"
+            self.data.source = ("registry" if spec.registry else "files" if spec.data_files else
+                                "builtin" if spec.hub_path is None else "hub")
         if self.optimizer.rho is None:
             self.optimizer.rho = {"adam": 0.0, "sam": 0.05, "asam": 0.5}[self.optimizer.name]
+        if self.swa.enabled and self.swa.every is None:
+            self.swa.every = 0.5 if self.train.epochs <= 3 else 1.0  # P1: half epochs for its 3-epoch tasks
         _check_cross_field(self)
         return self
+
+    @property
+    def task_spec(self) -> TaskSpec:
+        """The task: a built-in one, or the one defined in the file (its num_labels may come from its data:
+        flatray.data.load_task)."""
+        return self.task_definition.spec() if self.task_definition else TASKS[self.task]
 
     def run_hash(self) -> str:
         """A hash of everything that determines the result (not where it is written), as open_lth does."""
@@ -282,8 +359,34 @@ def _fail(loc: str, value: Any, expected: str):
     raise PydanticCustomError("cross_field", "{loc}: {expected}", {"loc": loc, "value": value, "expected": expected})
 
 
+def _as_task_errors(err: ValidationError) -> ValidationError:
+    """The errors of a run config whose task: is a mapping, at task.<key> where pydantic put them at
+    task_definition.<key>; `task` itself only takes the mapping's name, so its own errors repeat those of task.name."""
+    errors = []
+    for e in err.errors(include_url=False):
+        loc = tuple(e["loc"])
+        if loc == ("task",):
+            continue
+        if e["type"] == "cross_field":  # ours (_fail): rebuilt as it was raised
+            e = {**e, "type": PydanticCustomError("cross_field", "{loc}: {expected}", e["ctx"])}
+        elif loc[:1] == ("task_definition",):
+            loc = ("task", *loc[1:])
+            if e["type"] == "extra_forbidden":  # explain() finds no section under task (a str field): say its keys
+                allowed = _allowed_keys(TaskDefinition, loc[1:])
+                hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+                e = {**e, "type": PydanticCustomError("cross_field", "{loc}: {expected}", {
+                    "loc": ".".join(map(str, loc)), "value": e["input"],
+                    "expected": f"no such key; allowed here: {', '.join(allowed)}"
+                                + (f" (did you mean '{hint[0]}'?)" if hint else "")})}
+        errors.append({**e, "loc": loc})
+    return ValidationError.from_exception_data(err.title, errors)
+
+
 def _check_cross_field(cfg: RunConfig) -> None:
-    spec = TASKS[cfg.task]
+    spec = cfg.task_spec
+    if spec.defined and (cfg.data.source in ("builtin", "registry") or cfg.data.source == "hub" and not spec.hub_path):
+        _fail("data.source", cfg.data.source, f"{'hub or files' if spec.hub_path else 'files'}: task {cfg.task} is "
+              f"defined in the run file, its data in task.data")
     if cfg.data.source == "builtin" and (spec.hub_path is not None or spec.registry):
         _fail("data.source", "builtin", f"{'registry' if spec.registry else 'hub'} or files: task {cfg.task} has no built-in data")
     if cfg.data.source == "hub" and spec.hub_path is None:
@@ -294,16 +397,19 @@ def _check_cross_field(cfg: RunConfig) -> None:
         _fail("data.source", "registry", f"{'builtin' if spec.hub_path is None else 'hub or files'}: "
               f"task {cfg.task} is not fetched from a package registry")
     if cfg.data.source == "files":
-        if not cfg.data.data_files:
+        data_files = cfg.data.data_files or spec.data_files  # a defined task's own files, unless the run gives others
+        key = "data.data_files" if cfg.data.data_files or not spec.data_files else "task.data.data_files"
+        if not data_files:
             _fail("data.data_files", None, "a mapping split -> file for source: files, e.g. {train: train.csv, validation: dev.csv}")
-        needed = ["train", *spec.eval_splits]
-        missing = [s for s in needed if s not in cfg.data.data_files]
+        needed = list(spec.needed_splits)
+        missing = [s for s in needed if s not in data_files]
         if missing:
-            _fail("data.data_files", sorted(cfg.data.data_files), f"the splits {needed} (missing {missing})")
-        for split, files in cfg.data.data_files.items():
+            _fail(key, sorted(data_files), f"the splits {needed} (missing {missing})"
+                  + ("; or carve the dev split from train: task.dev: {carve: 0.1, seed: 0}" if spec.defined else ""))
+        for split, files in data_files.items():
             for f in [files] if isinstance(files, str) else files:
                 if "://" not in f and not exists(f):
-                    _fail(f"data.data_files.{split}", f, "an existing file")
+                    _fail(f"{key}.{split}", f, "an existing file")
     elif cfg.data.data_files:
         _fail("data.data_files", cfg.data.data_files, "nothing unless data.source is files")
     p = cfg.prune
@@ -319,10 +425,18 @@ def _check_cross_field(cfg: RunConfig) -> None:
         _fail("prune", p.model_dump(exclude_defaults=True), f"no prune settings for kind {cfg.kind} (they are for finetune)")
     if cfg.kind == "cofi" and cfg.optimizer.name != "adam":
         _fail("optimizer.name", cfg.optimizer.name, "adam for kind cofi (P1 varies only the teacher's optimizer)")
-    if cfg.kind == "cofi" and TASKS[cfg.task].kind == "qa":
+    if cfg.kind == "cofi" and spec.kind == "qa":
         _fail("task", cfg.task, "a GLUE task for kind cofi (CoFi on SQuAD is not wired yet)")
     if cfg.kind == "ptq" and cfg.scaling.use_gpu:
         _fail("scaling.use_gpu", True, "false for kind ptq (dynamic int8 quantization runs on the CPU)")
+    if cfg.kind == "contour":
+        c = cfg.contour
+        if len(c.models) != 2 or len(c.labels) != 2 or len(set(c.labels)) != 2 or "init" in c.labels:
+            _fail("contour", {"models": c.models, "labels": c.labels}, "two fine-tuned checkpoints in contour.models "
+                  "and two distinct labels (not 'init') in contour.labels; a sweep fills them from the parent trials "
+                  "(feed: group)")
+        if c.split == "dev" and spec.kind == "qa":
+            _fail("contour.split", "dev", f"train for task {cfg.task} (its dev features carry no answer positions)")
     if cfg.train.batch_size % cfg.scaling.num_workers:
         _fail("train.batch_size", cfg.train.batch_size, f"a multiple of scaling.num_workers ({cfg.scaling.num_workers})")
     if cfg.deepspeed.precision == "fp16" and cfg.deepspeed.zero_stage:
@@ -332,6 +446,17 @@ def _check_cross_field(cfg: RunConfig) -> None:
               "works at ZeRO 0 only; bf16 needs no loss scaling)")
     if cfg.optimizer.name == "adam" and cfg.optimizer.rho:
         _fail("optimizer.rho", cfg.optimizer.rho, "0 or unset with optimizer.name adam (rho is for sam/asam)")
+    if cfg.train.l1 and cfg.kind != "finetune":
+        _fail("train.l1", cfg.train.l1, f"0 for kind {cfg.kind} (the l1 penalty is for finetune: dense runs, IMP "
+              "levels, transfers)")
+    if cfg.swa.enabled:
+        if cfg.kind != "finetune":
+            _fail("swa.enabled", True, f"false for kind {cfg.kind} (SWA is for finetune: dense runs, IMP levels, "
+                  "transfers)")
+        points = cfg.train.epochs / cfg.swa.every
+        if abs(points - round(points)) > 1e-9:
+            _fail("swa.every", cfg.swa.every, f"a whole fraction of train.epochs ({cfg.train.epochs}), e.g. 0.5 or 1, "
+                  "so that the last point is the end of training")
 
 
 

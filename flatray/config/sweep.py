@@ -61,8 +61,11 @@ class Experiment(Section):
     config: dict[str, Any] = Field(default_factory=dict, description="run-config overrides (nested or dotted keys)")
     search: SearchSettings | None = None
     parent: str | None = None
-    feed: Literal["each", "best"] = Field("each", description="which finished parent trials feed this experiment")
-    group_by: list[str] = Field(default_factory=list, description="with feed: best, the best parent per group")
+    feed: Literal["each", "best", "group"] = Field(
+        "each", description="which finished parent trials feed this experiment: each one; the best of each group "
+        "once the parent experiment is complete; or all of each group at once (a trial per group, e.g. a contour)")
+    group_by: list[str] = Field(default_factory=list, description="with feed: best or group, run-config keys whose "
+                                "values make a group of parent trials (e.g. [train.seed]); none = one group")
     parent_levels: list[int] | None = Field(None, description="with an imp parent: only its trials at these levels "
                                             "feed this experiment (e.g. [5] for tickets at 50%); default all")
     levels: int = Field(9, ge=1, description="imp: pruning levels after the dense parent (sparsity = level x step): "

@@ -1,9 +1,10 @@
-"""Tasks, loading, tokenization and evaluation for GLUE, SQuAD v1.1, two offline toy tasks and a real sentiment
-task fetched from a package registry.
+"""Tasks, loading, tokenization and evaluation for GLUE, SQuAD v1.1, two offline toy tasks, two real tasks fetched
+from a package registry, and tasks defined in a run file.
 
-    tasks         the task registry (TASKS, TaskSpec): plain Python
+    tasks         the task registry (TASKS, TaskSpec) and the schema of a defined task (TaskDefinition)
     errors        DataError
     sources       load_raw (hub, files, registry, builtin), check_hub
+    custom        load_task (any task; a defined task's data checked, its labels mapped to ids, its dev carved)
     pypi          data sets fetched from PyPI wheels (source "registry")
     toy           the built-in toy tasks (their words: flatray.toy_text)
     tokenization  tokenize, train_subset, collator, EvalSet, TokenizedData
@@ -18,7 +19,7 @@ from flatray.data.tasks import TASKS, TaskSpec
 
 # Lazy (PEP 562): flatray.config imports flatray.data.tasks, which runs this file; it must not pull in datasets/torch.
 _LAZY = {
-    "load_raw": "sources", "check_hub": "sources",
+    "load_raw": "sources", "check_hub": "sources", "load_task": "custom",
     "toy_dataset": "toy",
     "tokenize": "tokenization", "train_subset": "tokenization", "collator": "tokenization",
     "EvalSet": "tokenization", "TokenizedData": "tokenization", "SUBSET_SEED": "tokenization",
@@ -26,7 +27,8 @@ _LAZY = {
     "compute_metrics": "metrics",
 }
 _TOY_TEXT = {"toy_corpus": "toy_corpus", "_POSITIVE": "POSITIVE", "_NEGATIVE": "NEGATIVE", "_SUBJECTS": "SUBJECTS"}
-_SUBMODULES = ("errors", "fingerprints", "metrics", "pypi", "sources", "squad", "tasks", "tokenization", "toy")
+_SUBMODULES = ("custom", "errors", "fingerprints", "metrics", "pypi", "sources", "squad", "tasks", "tokenization",
+               "toy")
 
 __all__ = ["DataError", "TASKS", "TaskSpec", *_LAZY, "toy_corpus"]
 

@@ -1,4 +1,5 @@
-"""Evaluation metrics for GLUE and SQuAD v1.1, and compute_metrics: a task's metrics from its model outputs.
+"""Evaluation metrics for GLUE, SQuAD v1.1 and defined tasks (macro-F1), and compute_metrics: a task's metrics from
+its model outputs.
 
 GLUE's come from scipy and scikit-learn; SQuAD's EM/F1 follow the official evaluate-v1.1.py script."""
 import collections
@@ -24,6 +25,12 @@ def f1_binary(preds, labels) -> float:
     return float(skm.f1_score(np.asarray(labels), np.asarray(preds), pos_label=1, zero_division=0))
 
 
+def macro_f1(preds, labels) -> float:
+    """The unweighted mean of the per-class F1 over the classes in labels or preds (sklearn's average='macro');
+    a class never predicted scores 0."""
+    return float(skm.f1_score(np.asarray(labels), np.asarray(preds), average="macro", zero_division=0))
+
+
 def matthews_corrcoef(preds, labels) -> float:
     """Multiclass MCC; 0.0 when undefined (e.g. a constant prediction)."""
     return float(skm.matthews_corrcoef(np.asarray(labels), np.asarray(preds)))
@@ -47,6 +54,9 @@ def _rank(a):
 def spearman(x, y) -> float:
     x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
     return 0.0 if _undefined(x, y) else float(stats.spearmanr(x, y).statistic)
+
+
+CLASSIFICATION_METRICS = {"accuracy": accuracy, "f1": f1_binary, "macro_f1": macro_f1, "matthews": matthews_corrcoef}
 
 
 # ---- SQuAD v1.1, following the official evaluate-v1.1.py scoring (kept by hand: it *is* the definition) ----
@@ -102,6 +112,8 @@ def compute_metrics(spec: TaskSpec, eval_set, outputs) -> dict[str, float]:
         outputs = outputs.reshape(len(labels))
         return {"pearson": pearson(outputs, labels), "spearman": spearman(outputs, labels)}
     preds = outputs.reshape(len(labels), -1).argmax(-1)
+    if spec.metrics:  # the defined and registry tasks name theirs
+        return {name: CLASSIFICATION_METRICS[name](preds, labels) for name in spec.metrics}
     if spec.main_metric == "matthews":
         return {"matthews": matthews_corrcoef(preds, labels)}
     out = {"accuracy": accuracy(preds, labels)}

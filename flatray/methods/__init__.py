@@ -25,6 +25,7 @@ ARTIFACT_TYPES = {"model": "model", "mask": "mask", "export": "quantized-model"}
 MASK_FILE = "mask.safetensors"  # an unstructured pruning mask (flatray.methods.imp)
 LSQ_EXPORT_FILE = "lsq_export.safetensors"  # b-bit codes + step sizes; not "model*.safetensors", which holds HF weights
 INT8_FILE = "model_int8.pt"  # a dynamic-int8 state dict (flatray.methods.ptq)
+CONTOUR_FILE = "contour.json"  # a loss grid on a plane of weights (flatray.methods.contour)
 MODEL_FILE = "config.json"  # the checkpoint folder is a Hugging Face model folder
 
 
@@ -49,6 +50,8 @@ class Method:
     files: Mapping[str, str] = field(default_factory=dict)  # output -> the checkpoint file that shows it is there
     produces: Callable[[Any], set[str]] | None = None  # the outputs a trial of this run config leaves (default: files)
     feed: Callable[[dict, Mapping, Any, int | None], None] = feed_model  # parent outputs -> child's raw run config
+    # feed: group (several parent trials per trial): [(parent record, its outputs), ...] -> child's raw run config
+    feed_group: Callable[[dict, list, Any], None] | None = None
     early_stopping: bool = False  # ASHA may stop its searched trials
     chained: bool = False  # a chain of levels, each trial feeding the next (IMP)
     cpu_only: bool = False  # its trials run on CPU workers whatever the sweep's defaults say
@@ -129,6 +132,21 @@ def feed_mask(raw: dict, outputs: Mapping, exp: Any, level: int | None) -> None:
     raw.setdefault("prune", {})["mask"] = _need(outputs, "mask")
 
 
+def feed_pair(raw: dict, members: list, exp: Any) -> None:
+    """A loss contour takes the two fine-tuned models of its group (w_adam, w_sam: their optimizers differ) and their
+    base model as w_init (METHODS.md section 11)."""
+    names = [record["config"]["optimizer"]["name"] for record, _ in members]
+    if len(members) != 2 or len(set(names)) != 2:
+        raise ParentOutputMissing(f"expected each group of parent trials to hold two that differ in optimizer.name "
+                                  f"(w_adam, w_sam), got a group of {len(members)} (optimizer.name "
+                                  f"{', '.join(names) or 'none'})")
+    bases = {record["config"]["model"] for record, _ in members}
+    if len(bases) != 1:
+        raise ParentOutputMissing(f"expected parent trials fine-tuned from one model (w_init), got {sorted(bases)}")
+    raw["model"] = bases.pop()
+    raw.setdefault("contour", {}).update(models=[_need(outputs, "model") for _, outputs in members], labels=names)
+
+
 def _finetune_outputs(cfg: Any) -> set[str]:
     return {"model", "mask"} if cfg.prune.active else {"model"}
 
@@ -165,3 +183,10 @@ register(Method(
 register(Method(
     "sharpness", "flatray.methods.sharpness:run", "dev metrics and epsilon-sharpness of the parent's model",
     needs=("model",), report=("flatray.report.flatness:sharpness_table",)))
+register(Method(
+    "oneshot", "flatray.methods.oneshot:run", "one-shot global magnitude pruning of the parent's model to each "
+    "sparsity, evaluated without retraining", needs=("model",), report=("flatray.report.oneshot:oneshot_sparsity",)))
+register(Method(
+    "contour", "flatray.methods.contour:run", "the loss on the plane through w_init and two fine-tuned models (feed: "
+    "group)", needs=("model",), feed_group=feed_pair, files={"contour": CONTOUR_FILE},
+    report=("flatray.report.contour:contour_figure",)))

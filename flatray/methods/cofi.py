@@ -21,8 +21,8 @@ from flatray.config.run import CoFiConfig
 from flatray.methods.cofi_masks import (MASK_NAMES, STRUCTURE_KEY, CoFiMasks, NoAttention, attach, count_prunable,
                                         load_pruned, mask_optimizer, prune, save_pruned, sparsity_of)
 
-__all__ = ["MASK_NAMES", "STRUCTURE_KEY", "CoFiConfig", "CoFiMasks", "NoAttention", "attach", "count_prunable",
-           "distill_step", "kd_loss", "lagrangian", "layer_loss", "load_pruned", "mask_optimizer", "prune", "run",
+__all__ = ["MASK_NAMES", "STRUCTURE_KEY", "CoFiConfig", "CoFiMasks", "NoAttention", "SparsityMissedError", "attach",
+           "check_sparsity", "count_prunable", "distill_step", "kd_loss", "lagrangian", "layer_loss", "load_pruned", "mask_optimizer", "prune", "run",
            "save_pruned", "sparsity_of", "target_at"]
 
 MASKS_FILE = "cofi_masks.safetensors"  # in a pruning-phase checkpoint: log_alpha and the multipliers, to read
@@ -124,6 +124,31 @@ def layer_loss(student_hidden: tuple, teacher_hidden: tuple, transform: nn.Modul
 # The run
 
 
+class SparsityMissedError(ValueError):
+    """The pruned model's sparsity is outside target_sparsity +- sparsity_tolerance."""
+
+
+def check_sparsity(sparsity: float, expected: float, sc: CoFiConfig, steps_per_epoch: int, ramp: int) -> None:
+    """Fail the run when the pruned model is not within the tolerance of the target (P1: 95% accepted within 1%),
+    saying whether the Lagrangian had not brought the expected sparsity there (too few steps for the descent-ascent
+    to settle) or the whole structures could not realize it."""
+    target, tol = sc.target_sparsity, sc.sparsity_tolerance
+    if abs(sparsity - target) <= tol:
+        return
+    settle = sc.prune_epochs * steps_per_epoch - ramp
+    if abs(expected - target) > tol:
+        why = (f"the Lagrangian had not brought the expected sparsity to the target by the end of the pruning phase "
+               f"(it was {expected:.1%}; {settle} steps after the {ramp}-step ramp). The multipliers and masks "
+               f"oscillate around the target before they settle: give them more steps after the ramp (more "
+               f"cofi.prune_epochs, or a smaller cofi.ramp_fraction), or faster masks (cofi.lr_masks; cofi.lr_lambdas "
+               f"when the multipliers are slow to outgrow the distillation loss)")
+    else:
+        why = (f"the expected sparsity was {expected:.1%}, but whole heads, units and hidden dims cannot realize "
+               f"it on this model (every unit kept, or none): widen cofi.sparsity_tolerance or change the target")
+    raise SparsityMissedError(f"CoFi ended at {sparsity:.1%} sparsity, target {target:.1%} +- {tol:.1%} "
+                         f"(cofi.sparsity_tolerance): {why}")
+
+
 def run(ctx) -> None:
     """Distil the teacher (model: a checkpoint) into a masked student for prune_epochs (phase 1), remove what the
     masks prune, fine-tune the smaller model for finetune_epochs (phase 2; its best checkpoint is the run's model).
@@ -182,14 +207,17 @@ def run(ctx) -> None:
 
         pruning = loop.Phase(
             engine, loader, range(1, sc.prune_epochs + 1), step=step, save=save_masked, evaluate=evaluate,
-            metrics=lambda: {"target_sparsity": target["now"], "expected_sparsity": float(masks.expected_sparsity()),
-                             "lambda_1": float(masks.lambda_1)},
+            metrics=lambda: {"target_sparsity": target["now"], "expected_sparsity": masks.expected_sparsity().item(),
+                             "mask_sparsity": masks.deterministic_sparsity(), "lambda_1": masks.lambda_1.item(),
+                             "lambda_2": masks.lambda_2.item()},
             label="prune epoch", number=1, output=False, state=mask_state, load_state=load_mask_state)
         loop.run_phase(ctx, pruning, history)
         detach()
         masks.eval()
         pruned["model"] = prune(engine.module, masks)
         del engine
+        check_sparsity(1 - count_prunable(pruned["model"]) / prunable_before, float(masks.expected_sparsity()),
+                       sc, len(loader), ramp)
     small = pruned["model"].train()
     totals.update(params=sum(p.numel() for p in small.parameters()),
                   sparsity=1 - count_prunable(small) / prunable_before)

@@ -26,6 +26,10 @@ from flatray.config.run import CoFiConfig
 
 MASK_NAMES = ("attn_layer", "ffn_layer", "heads", "units", "hidden")
 STRUCTURE_KEY = "flatray_structure"  # the config.json entry that describes a pruned model
+# CoFi's range for log_alpha (its L0Module.constrain_parameters, after every mask step): P(z != 0) stays in
+# [0.047, 0.998], so a mask the Lagrangian pushed far one way can come back within a few steps (without it the
+# masks run away while the multipliers catch up, and the sparsity overshoots).
+LOG_ALPHA_MIN, LOG_ALPHA_MAX = math.log(1e-2), math.log(1e2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -49,13 +53,19 @@ class CoFiMasks(nn.Module):
         shapes = dict(attn_layer=(self.num_layers,), ffn_layer=(self.num_layers,),
                       heads=(self.num_layers, self.num_heads), units=(self.num_layers, self.intermediate_size),
                       hidden=(self.hidden_size,))
-        # P(z = 0) = sigmoid(beta * log(-a / b) - log_alpha) = p  <=>  log_alpha = beta * log(-a / b) + log((1-p) / p)
-        # (CoFi's code puts log_alpha at log((1 - p) / p), which for p = 0.5 gives P(z = 0) = 0.17; that init is
-        # droprate_init = 0.168 here.) The 0.01 noise breaks ties for the deterministic top-k.
+        # As in CoFi's code: the structures (whole layers, heads, hidden dims) start kept, at the top of the clamp
+        # range (P(z != 0) = 0.998), and only the FFN units start at droprate_init. The expected sparsity then starts
+        # near 0, where the target's ramp starts; with every mask at P = 0.5 it would start at 0.875, and the
+        # multipliers would wind up against that gap before the ramp catches up (the run overshoots).
+        # For the units, P(z = 0) = sigmoid(beta log(-a / b) - log_alpha) = p  <=>  log_alpha = beta log(-a / b)
+        # + log((1 - p) / p) (CoFi's code puts log_alpha at log((1 - p) / p), which for p = 0.5 gives P(z = 0) =
+        # 0.17; that init is droprate_init = 0.168 here). The 0.01 noise breaks ties for the deterministic top-k.
         p = cfg.droprate_init
         mean = cfg.beta * math.log(-cfg.limit_a / cfg.limit_b) + math.log((1 - p) / p)
-        self.log_alpha = nn.ParameterDict(
-            {k: nn.Parameter(torch.full(s, mean) + 0.01 * torch.randn(s)) for k, s in shapes.items()})
+        start = {k: torch.full(s, LOG_ALPHA_MAX) for k, s in shapes.items()}
+        start["units"] = (torch.full(shapes["units"], mean) + 0.01 * torch.randn(shapes["units"])).clamp(
+            LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+        self.log_alpha = nn.ParameterDict({k: nn.Parameter(v) for k, v in start.items()})
         self.lambda_1 = nn.Parameter(torch.zeros(()))
         self.lambda_2 = nn.Parameter(torch.zeros(()))
 
@@ -70,24 +80,78 @@ class CoFiMasks(nn.Module):
         s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + la) / c.beta)
         return (s * (c.limit_b - c.limit_a) + c.limit_a).clamp(0.0, 1.0)
 
-    def deterministic(self, name: str) -> torch.Tensor:
-        """CoFi's eval mask, per group (a group = one layer's row; the hidden mask is one group): the
-        round(sum P(z != 0)) entries with the largest log_alpha keep sigmoid(0.8 * log_alpha / beta) (CoFi's
-        value, always in (0, 1), so a kept entry is never zero); the others are 0. Rounding is half up."""
-        la = self.log_alpha[name]
-        rows, probs = la.reshape(-1, la.shape[-1]), self.prob_nonzero(name).reshape(-1, la.shape[-1])
-        value = torch.sigmoid(0.8 * rows / self.cfg.beta)
-        z = torch.zeros_like(rows)
-        for i in range(rows.shape[0]):
-            keep = int(math.floor(probs[i].sum().item() + 0.5))
-            if keep:
-                idx = rows[i].topk(keep).indices
-                z[i, idx] = value[i, idx]
-        return z.reshape(la.shape)
+    @torch.no_grad()
+    def counts(self) -> tuple[int, list[int], list[int]]:
+        """How many hidden dims, heads per layer and FFN units per layer the eval masks keep: a model of the expected
+        size, 1 - expected_sparsity(), to within one unit where whole structures allow it.
+
+        - hidden dims: round(sum_d P_hidden[d]);
+        - heads of layer l: round(P_attn[l] * sum_h P_head[l, h]), the expected number of heads whose head and
+          layer masks are both on (the factor expected_sparsity() counts);
+        - FFN units: as many in all as make up the rest of the expected size (so they absorb the rounding of the
+          coarser heads and hidden dims), shared among the layers in proportion to P_ffn[l] * sum_i P_unit[l, i].
+          Where the units cannot (every unit kept, or none), a head more or fewer does (in the layer whose
+          expectation is furthest from its count).
+        """
+        P = {k: self.prob_nonzero(k) for k in MASK_NAMES}
+        D, I, L, H = self.hidden_size, self.intermediate_size, self.num_layers, self.num_heads
+        n_hidden = _round(P["hidden"].sum())
+        if n_hidden == 0:
+            return 0, [0] * L, [0] * L
+        heads = (P["attn_layer"] * P["heads"].sum(-1)).tolist()
+        n_heads = [_round(x) for x in heads]
+        remaining = float(1 - self.expected_sparsity()) * L * (4 * D * D + 2 * D * I)
+
+        def units_left() -> float:  # a head is 4 head_dim n_hidden weights, a unit 2 n_hidden
+            return (remaining / n_hidden - 4 * self.head_dim * sum(n_heads)) / 2
+
+        while units_left() > L * I and (free := [i for i in range(L) if n_heads[i] < H]):
+            n_heads[max(free, key=lambda i: heads[i] - n_heads[i])] += 1
+        while units_left() < 0 and (used := [i for i in range(L) if n_heads[i] > 0]):
+            n_heads[min(used, key=lambda i: heads[i] - n_heads[i])] -= 1
+        n_units = _apportion(P["ffn_layer"] * P["units"].sum(-1), units_left(), I)
+        return n_hidden, n_heads, n_units
+
+    def deterministic_sparsity(self) -> float:
+        """The sparsity of the model the eval masks leave (what `prune` makes of them), from `counts()`."""
+        n_hidden, n_heads, n_units = self.counts()
+        D, I = self.hidden_size, self.intermediate_size
+        kept = (4 * self.head_dim * sum(n_heads) + 2 * sum(n_units)) * n_hidden
+        return 1 - kept / (self.num_layers * (4 * D * D + 2 * D * I))
+
+    @torch.no_grad()
+    def deterministic(self) -> dict[str, torch.Tensor]:
+        """The eval masks: CoFi's rule, with the counts of `counts()`: in each group (the hidden vector, one layer's
+        heads, one layer's units) the entries with the largest log_alpha keep CoFi's value sigmoid(0.8 * log_alpha /
+        beta) (always in (0, 1), so a kept entry is never 0), the others are 0; a layer left with no head (unit)
+        loses its attention (FFN): its attn_layer (ffn_layer) z is 0, else it keeps CoFi's value too.
+
+        CoFi's own counts (round(sum P) per group, a layer kept iff its P >= 0.5) leave a model of the expected size
+        only once every P is near 0 or 1. Before that, masks that all sit at P = 0.8 keep everything (every layer,
+        and 2 of 2 heads at 0.8 each): measured on the tiny BERT, 30% sparsity where the expected one was 50%.
+        """
+        n_hidden, n_heads, n_units = self.counts()
+        la = {k: v.detach() for k, v in self.log_alpha.items()}
+        value = {k: torch.sigmoid(0.8 * v / self.cfg.beta) for k, v in la.items()}
+        z = {k: torch.zeros_like(v) for k, v in la.items()}
+        z["hidden"] = _top(la["hidden"], n_hidden, value["hidden"])
+        for i in range(self.num_layers):
+            z["heads"][i] = _top(la["heads"][i], n_heads[i], value["heads"][i])
+            z["units"][i] = _top(la["units"][i], n_units[i], value["units"][i])
+            z["attn_layer"][i] = value["attn_layer"][i] if n_heads[i] else 0.0
+            z["ffn_layer"][i] = value["ffn_layer"][i] if n_units[i] else 0.0
+        return z
 
     def forward(self) -> dict[str, torch.Tensor]:
-        pick = self.sample if self.training else self.deterministic
-        return {k: pick(k) for k in MASK_NAMES}
+        if not self.training:
+            return self.deterministic()
+        return {k: self.sample(k) for k in MASK_NAMES}
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """CoFi's constrain_parameters: log_alpha back into [LOG_ALPHA_MIN, LOG_ALPHA_MAX]."""
+        for p in self.log_alpha.values():
+            p.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
 
     def expected_sparsity(self) -> torch.Tensor:
         """s = 1 - remaining / total over the encoder's Q, K, V, O and FFN weight matrices (biases excluded), with
@@ -106,14 +170,46 @@ class CoFiMasks(nn.Module):
         return 1 - remaining / (self.num_layers * (4 * D * D + 2 * D * I))
 
 
+def _round(x) -> int:
+    """Half up, as CoFi's counts (a group at sum P = 1.5 keeps 2)."""
+    return int(math.floor(float(x) + 0.5))
+
+
+def _top(log_alpha: torch.Tensor, n: int, value: torch.Tensor) -> torch.Tensor:
+    """`value` at the n largest log_alpha, 0 elsewhere."""
+    z = torch.zeros_like(log_alpha)
+    if n > 0:
+        idx = log_alpha.topk(min(n, log_alpha.numel())).indices
+        z[idx] = value[idx]
+    return z
+
+
+def _apportion(weights: torch.Tensor, total: float, cap: int) -> list[int]:
+    """Integers in [0, cap] that sum to round(total) (clipped to [0, cap * len]), in proportion to `weights`:
+    largest remainders first, and what a full entry cannot take goes to the others."""
+    total = min(max(_round(total), 0), cap * len(weights))
+    w = weights.double().clamp(min=0)
+    share = w / w.sum() * total if w.sum() > 0 else torch.full_like(w, total / len(w))
+    n = share.clamp(max=cap).floor().long().tolist()
+    order = torch.argsort(share - share.floor(), descending=True, stable=True).tolist()
+    while sum(n) < total:
+        for i in order:
+            if sum(n) < total and n[i] < cap:
+                n[i] += 1
+    return n
+
+
 def mask_optimizer(masks: CoFiMasks) -> torch.optim.Optimizer:
     """AdamW on log_alpha (descent) and on lambda_1, lambda_2 (ascent: torch's per-group `maximize`, so one
-    `loss.backward(); opt.step()` moves the masks down and the multipliers up the same loss). No weight decay."""
+    `loss.backward(); opt.step()` moves the masks down and the multipliers up the same loss). No weight decay.
+    Every step ends by clamping log_alpha to [LOG_ALPHA_MIN, LOG_ALPHA_MAX], as CoFi does."""
     c = masks.cfg
-    return torch.optim.AdamW([
+    opt = torch.optim.AdamW([
         {"params": list(masks.log_alpha.values()), "lr": c.lr_masks},
         {"params": [masks.lambda_1, masks.lambda_2], "lr": c.lr_lambdas, "maximize": True},
     ], weight_decay=0.0)
+    opt.register_step_post_hook(lambda *_: masks.clamp_())
+    return opt
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ trials (`Method.report`), and they are built in registry order:
 - CoFi structured pruning per teacher optimizer (P1 Table 2)
 - SQuAT and its baselines by weight bits (P2)
 - epsilon-sharpness by eps and optimizer (P1 Table 3)
+- against P1: P1's published values (p1.yaml) beside every matching flatray cell and the difference (last)
 
 Everything goes to `<root>/report/`: PNG figures, a CSV (numbers: mean, std, n) and a Markdown table (for people:
 "mean ± std (n)", "—" where a cell has no finished trial) per table, and README.md, which embeds them all and lists
@@ -27,7 +28,7 @@ With W&B settings (the sweep file's `wandb` section), the same figures and table
 (group = sweep name, job_type report, id `<sweep>-report`); a W&B failure is a warning.
 
 Modules: load (trial folders -> DataFrame), tables (statistics, Markdown), figures (matplotlib), the sections
-(pruning, quantization, flatness) and wandb_log; this one writes the report and is the CLI.
+(pruning, quantization, flatness), p1 (P1's numbers) and wandb_log; this one writes the report and is the CLI.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ from flatray.report.wandb_log import log_to_wandb, wandb_mode
 
 __all__ = ["DASH", "SQUAT_TEACHER", "ReportWarning", "Section", "load_trials", "log_to_wandb", "main", "report",
            "section_refs", "wandb_mode"]
+
+
+# After the methods' sections: P1's published numbers beside every matching cell (any method's), when the sweep
+# fine-tuned P1's model.
+P1_SECTION = "flatray.report.p1:against_p1"
 
 
 def section_refs() -> list[str]:
@@ -129,7 +135,7 @@ def report(root: str | Path, wandb_settings: Any = None) -> Path:
     sweep = _sweep_name(root, df)
     sections: list[Section] = []
     built = set()  # two references to one function (e.g. through a re-export) build it once
-    for ref in section_refs():
+    for ref in [*section_refs(), P1_SECTION]:
         name = ref.rpartition(":")[2]
         try:
             build = resolve(ref)

@@ -190,3 +190,8 @@ def _markdown(table: pd.DataFrame) -> str:
 
 def _pct(value: float) -> str:
     return f"{value:g}%"
+
+
+def _delta(value: float, digits: int = 2) -> str:
+    """A signed difference, e.g. "+0.43" / "-1.20"; "—" when undefined."""
+    return DASH if _blank(value) else f"{value:+.{digits}f}"

@@ -4,11 +4,13 @@
 parents (known, acyclic), that each parent's method produces what its child's method needs (the registry,
 flatray.methods), search keys, and the run config of every experiment at every listed grid value. `make_record`
 expands one trial: its run config (defaults < inherited point < experiment config < own point), what it takes
-from its parent trial (the method's `feed`), its id and its folder.
+from its parent trial (the method's `feed`) or, with feed: group, from every parent trial of its group (the
+method's `feed_group`), its id and its folder.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -111,12 +113,46 @@ def _inherited(sweep: SweepFile, name: str) -> dict:
     return {**_inherited(sweep, exp.parent), **first_point(parent.search.space if parent.search else {})}
 
 
+def shared_point(points: list[dict]) -> dict:
+    """The searched values every one of `points` has in common (what a child inherits from its group's trials)."""
+    return {k: v for k, v in points[0].items() if all(k in p and p[k] == v for p in points[1:])} if points else {}
+
+
+def _placeholder_group(sweep: SweepFile, name: str) -> list[tuple[dict, dict]]:
+    """The parent trials of one group of a feed: group experiment, as the file lists them: the parent's grid points
+    that differ outside group_by (each num_samples times, and once per IMP level), with stand-ins for their outputs."""
+    exp = sweep.experiments[name]
+    parent = sweep.experiments[exp.parent]
+    search = parent.search or SearchSettings()
+    keys = [k for k in grid_keys(parent) if k not in exp.group_by]
+    sampled = [k for k in search.space if k not in grid_keys(parent)]
+    copies = (search.num_samples if sampled and not set(sampled) & set(exp.group_by) else 1) * (
+        len(exp.parent_levels or range(parent.levels)) if parent.method.chained else 1)
+    members = []
+    for values in itertools.product(*(next(iter(search.space[k].values())) for k in keys)):
+        point = {**first_point(search.space), **dict(zip(keys, values))}
+        config = validate_run(sweep, exp.parent, point).model_dump(mode="json")
+        record = {"id": "parent", "point": {**_inherited(sweep, exp.parent), **point}, "config": config}
+        members += [(record, PLACEHOLDER_OUTPUTS)] * copies
+    return members
+
+
 def validate_run(sweep: SweepFile, name: str, point: dict[str, Any]) -> RunConfig:
     """The run config of one trial of `name` at `point` (its parent's outputs stood in for); a ConfigError names
     the experiment."""
     exp = sweep.experiments[name]
-    raw = raw_config(sweep, name, _inherited(sweep, name), point)
-    if exp.method.needs:
+    if exp.parent and exp.feed == "group":
+        members = _placeholder_group(sweep, name)
+        inherited = {**_inherited(sweep, exp.parent), **shared_point([r["point"] for r, _ in members])}
+        raw = raw_config(sweep, name, inherited, point)
+        try:
+            exp.method.feed_group(raw, members, exp)
+        except methods.ParentOutputMissing as err:
+            raise ConfigError(f"experiments.{name}.group_by: got {exp.group_by} over the trials of parent "
+                              f"{exp.parent!r}; {err}") from None
+    else:
+        raw = raw_config(sweep, name, _inherited(sweep, name), point)
+    if exp.method.needs and exp.feed != "group":
         exp.method.feed(raw, PLACEHOLDER_OUTPUTS, exp, 1)
     try:
         return config_lib.from_dict(raw, source=f"experiment {name!r}")
@@ -172,6 +208,10 @@ def load(path: str | Path, overrides: list[str] = ()) -> SweepFile:
         for key in exp.group_by:
             if not field_exists(RunConfig, key):
                 raise ConfigError(f"experiments.{name}.group_by: {key!r} is not a run-config key")
+        if parent and (exp.feed == "group") != bool(exp.method.feed_group):
+            expected = ("group: it takes several parent trials at once, e.g. feed: group, group_by: [train.seed]"
+                        if exp.method.feed_group else "each or best: it takes one parent trial per trial")
+            raise ConfigError(f"experiments.{name}.feed: got {exp.feed!r}; expected {expected} (kind {exp.kind})")
         validate_run(sweep, name, first_point(space))
         for key, domain in space.items():  # every listed value of a grid/choice must be valid too
             for value in domain.get("grid", domain.get("choice", []))[1:]:
@@ -182,22 +222,28 @@ def load(path: str | Path, overrides: list[str] = ()) -> SweepFile:
 
 
 def make_record(sweep: SweepFile, root: str, name: str, point: dict, parent: dict | None = None,
-                parent_summary: dict | None = None, level: int | None = None) -> dict:
-    """The trial of experiment `name` at `point`, fed by `parent`: its id, its folder and its resolved run config.
-    Raises ConfigError when the parent trial did not leave what this method needs."""
+                parent_summary: dict | None = None, level: int | None = None,
+                group: list[tuple[dict, dict]] | None = None) -> dict:
+    """The trial of experiment `name` at `point`, fed by `parent` (or, with feed: group, by every (record, summary)
+    of `group`, in order): its id, its folder and its resolved run config. It inherits the searched values its
+    parents share. Raises ConfigError when the parent trials did not leave what this method needs."""
     exp = sweep.experiments[name]
+    members = group or ([(parent, parent_summary or {})] if parent else [])
     own = set(flatten(exp.config))
-    inherited = {k: v for k, v in (parent or {}).get("point", {}).items() if k not in own}
+    inherited = {k: v for k, v in shared_point([r.get("point", {}) for r, _ in members]).items() if k not in own}
     raw = raw_config(sweep, name, inherited, point)
     raw.pop("output", None)
-    parents = [parent["id"]] if parent else []
+    parents = [r["id"] for r, _ in members]
     tid = trial_id({"experiment": name, "kind": exp.kind, "config": raw, "level": level}, parents)
     folder = storage.join(root, tid)
-    if parent:  # what the child takes from its parent trial (docs/SWEEPS.md)
+    if members:  # what the child takes from its parent trials (docs/SWEEPS.md)
         try:
-            exp.method.feed(raw, (parent_summary or {}).get("outputs", {}), exp, level)
+            if group:
+                exp.method.feed_group(raw, [(r, s.get("outputs", {})) for r, s in group], exp)
+            else:
+                exp.method.feed(raw, (parent_summary or {}).get("outputs", {}), exp, level)
         except methods.ParentOutputMissing as err:
-            raise ConfigError(f"trial {tid} of experiment {name!r}: {err} (parent trial {parent['id']}, "
+            raise ConfigError(f"trial {tid} of experiment {name!r}: {err} (parent trial(s) {', '.join(parents)}, "
                               f"kind {exp.kind} needs {', '.join(exp.method.needs)})") from None
     raw["output"] = {"storage_path": folder, "name": "train"}
     record = {"id": tid, "sweep": sweep.name, "experiment": name, "kind": exp.kind, "parents": parents,

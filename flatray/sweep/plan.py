@@ -23,7 +23,7 @@ TRIAL_CPU = 1  # the Tune trial itself: it only drives its Ray Train run
 
 
 def plan(sweep: SweepFile) -> dict[str, int]:
-    """Trials per experiment, known before running (feed: best counts the groups of the parent's grid)."""
+    """Trials per experiment, known before running (feed: best and group count the groups of the parent's grid)."""
     grids: dict[str, dict] = {}
     counts: dict[str, int] = {}
     for name in order(sweep.experiments):
@@ -40,7 +40,7 @@ def plan(sweep: SweepFile) -> dict[str, int]:
         fed = counts[exp.parent]
         if parent.method.chained and exp.parent_levels:
             fed = fed // parent.levels * len(exp.parent_levels)
-        if exp.feed == "best":
+        if exp.feed in ("best", "group"):  # one per group
             fed = math.prod(len(grids[exp.parent].get(k, [None])) for k in exp.group_by)
         counts[name] = fed * per_parent * (exp.levels if exp.method.chained else 1)
     return counts

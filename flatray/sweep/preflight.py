@@ -1,5 +1,5 @@
 """What a sweep or a run needs from outside its file, checked before Ray starts: a storage root it can write, models
-that load, hub datasets that exist.
+that load, hub datasets that exist, and the data of tasks defined in the file (columns, labels, splits).
 
 The file itself is checked by flatray.sweep.graph (sweeps) and flatray.config (runs). Here, each problem is one
 line naming the key or experiment, the value and what is expected, and all of them make one ConfigError (exit 2).
@@ -13,6 +13,7 @@ load in every worker would retry the hub for minutes before falling back to the 
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import urllib.error
@@ -23,7 +24,7 @@ from pathlib import Path
 from flatray.config import ConfigError, RunConfig
 from flatray.config.errors import short_repr
 from flatray.config.sweep import SweepFile
-from flatray.data.tasks import TASKS
+from flatray.data.tasks import TaskSpec
 from flatray.sweep.graph import first_point, order, validate_run
 
 HUB_TIMEOUT_S = 5.0  # per request; a hub that answers at all answers in well under a second
@@ -38,17 +39,21 @@ def check(sweep: SweepFile, dry_run: bool = False) -> list[str]:
     raise a ConfigError listing what stops it, return the warnings of a dry run."""
     problems = storage_problems(sweep.storage, "storage", create=not dry_run)
     models_needed: dict[str, list[str]] = {}
-    data_needed: dict[tuple[str, str | None], tuple[str, str | None, list[str]]] = {}
+    data_needed: dict[tuple[str, str | None], tuple[TaskSpec, str | None, list[str]]] = {}
+    defined_needed: dict[str, tuple[RunConfig, list[str]]] = {}
     for name in order(sweep.experiments):
         needs_model = "model" not in sweep.experiments[name].method.needs  # the others load their parent's model
         for cfg in _configs(sweep, name):
             if needs_model:
                 models_needed.setdefault(cfg.model, []).append(name)
             if cfg.data.source == "hub":
-                spec = TASKS[cfg.task]
+                spec = cfg.task_spec
                 data_needed.setdefault((cfg.data.path or spec.hub_path, spec.hub_config),
-                                       (cfg.task, cfg.data.path, []))[2].append(name)
-    return _finish(problems + _hub_problems(models_needed, data_needed), dry_run)
+                                       (spec, cfg.data.path, []))[2].append(name)
+            if cfg.task_definition:
+                defined_needed.setdefault(_task_data_key(cfg), (cfg, []))[1].append(name)
+    return _finish(problems + _hub_problems(models_needed, data_needed) + _task_data_problems(defined_needed),
+                   dry_run)
 
 
 def check_run(cfg: RunConfig) -> None:
@@ -56,9 +61,11 @@ def check_run(cfg: RunConfig) -> None:
     problems = storage_problems(cfg.output.storage_path, "output.storage_path", create=True)
     data_needed = {}
     if cfg.data.source == "hub":
-        spec = TASKS[cfg.task]
-        data_needed[(cfg.data.path or spec.hub_path, spec.hub_config)] = (cfg.task, cfg.data.path, [])
-    _finish(problems + _hub_problems({cfg.model: []}, data_needed), dry_run=False)
+        spec = cfg.task_spec
+        data_needed[(cfg.data.path or spec.hub_path, spec.hub_config)] = (spec, cfg.data.path, [])
+    defined_needed = {_task_data_key(cfg): (cfg, [])} if cfg.task_definition else {}
+    _finish(problems + _hub_problems({cfg.model: []}, data_needed) + _task_data_problems(defined_needed),
+            dry_run=False)
 
 
 def _finish(problems: list[tuple[str, bool]], dry_run: bool) -> list[str]:
@@ -163,11 +170,6 @@ def _hub_problems(models_needed: dict[str, list[str]], data_needed: dict) -> lis
 
     from flatray import data, models
 
-    def experiments(names: list[str]) -> str:
-        names = list(dict.fromkeys(names))
-        return f"experiment {names[0]!r}: " if len(names) == 1 else \
-            f"experiments {', '.join(map(repr, names))}: " if names else ""
-
     hub_models = [m for m in models_needed if models.is_hub_id(m)]
     offline = "HF_HUB_OFFLINE=1" if constants.is_offline_mode() else None
     unreachable = None if offline or not (hub_models or data_needed) else hub_unreachable()
@@ -177,16 +179,16 @@ def _hub_problems(models_needed: dict[str, list[str]], data_needed: dict) -> lis
         try:
             why = unreachable if name in hub_models and unreachable else models.check(name, HUB_TIMEOUT_S)
         except models.ModelNotFound as err:
-            problems.append((experiments(names) + str(err), True))
+            problems.append((_experiments(names) + str(err), True))
             continue
         if why:
             unverified.setdefault(why, {}).setdefault("model", []).append(repr(name))
     configs: dict[tuple[str, str], list[str]] = {}  # (why, dataset) -> its configs
-    for (hub_path, hub_config), (task, path, names) in data_needed.items():
+    for (hub_path, hub_config), (spec, path, names) in data_needed.items():
         try:
-            why = unreachable or data.check_hub(TASKS[task], path, HUB_TIMEOUT_S)
+            why = unreachable or data.check_hub(spec, path, HUB_TIMEOUT_S)
         except data.DataError as err:
-            problems.append((experiments(names) + str(err), True))
+            problems.append((_experiments(names) + str(err), True))
             continue
         if why:
             configs.setdefault((why, hub_path), []).extend([hub_config] if hub_config else [])
@@ -199,4 +201,35 @@ def _hub_problems(models_needed: dict[str, list[str]], data_needed: dict) -> lis
         problems.append((f"{'; '.join(kind + ' ' + ', '.join(what[kind]) for kind in what)}: cannot be verified"
                          f"{' offline' if offline or unreachable else ''} ({why}); without the hub, use "
                          f"{' and '.join(hints[kind] for kind in what)} (README: Data and models offline)", False))
+    return problems
+
+
+def _experiments(names: list[str]) -> str:
+    """The experiments a problem line concerns, as its prefix."""
+    names = list(dict.fromkeys(names))
+    return f"experiment {names[0]!r}: " if len(names) == 1 else \
+        f"experiments {', '.join(map(repr, names))}: " if names else ""
+
+
+# ---------------------------------------------------------------------------------------- tasks defined in a file
+
+def _task_data_key(cfg: RunConfig) -> str:
+    return json.dumps([cfg.task_definition.model_dump(mode="json"), cfg.data.source, cfg.data.path,
+                       cfg.data.data_files], sort_keys=True)
+
+
+def _task_data_problems(needed: dict[str, tuple[RunConfig, list[str]]]) -> list[tuple[str, bool]]:
+    """(line, fatal) per task defined in a file whose data a run could not use: a column not there, labels that are
+    missing, unseen in train, not numbers or of one class, a missing split. The data is read as a run reads it
+    (flatray.data.custom); a hub dataset that cannot be loaded at all is the hub check's line."""
+    from flatray.data import DataError, custom
+
+    problems = []
+    for cfg, names in needed.values():
+        try:
+            custom.check(cfg.task_spec, cfg.data.source, cfg.data.path, cfg.data.data_files)
+        except custom.HubUnavailable:
+            continue
+        except DataError as err:
+            problems.append((_experiments(names) + str(err), True))
     return problems

@@ -1,7 +1,8 @@
 """The Tune `Searcher` that walks a sweep's experiment graph: `suggest` hands out ready trials (a finished parent's
 children first), `on_trial_complete` records the outcome and releases the finished trial's children, so an IMP
-chain, a transfer or a PTQ run never waits for unrelated trials. Finished trials (a `summary.json` with status done
-or stopped) are not run again; their children are released all the same."""
+chain, a transfer or a PTQ run never waits for unrelated trials; a feed: group child waits for its own group only.
+Finished trials (a `summary.json` with status done or stopped) are not run again; their children are released all
+the same."""
 
 from __future__ import annotations
 
@@ -44,7 +45,9 @@ class SweepSearcher(Searcher):
         self.ready: collections.deque = collections.deque()  # (record, its Points, tell handle)
         self.running: dict[str, tuple] = {}  # Tune trial id -> (record, its Points, tell handle)
         self.outcomes: dict[str, tuple[dict, dict]] = {}  # trial id -> (record, summary)
-        self.fed_best: set[str] = set()
+        self.fed_all: set[str] = set()  # feed: best/group experiments whose parent experiment has fed them all
+        self.fed_groups: set[tuple[str, tuple]] = set()  # (feed: group experiment, group) already started
+        self.todo_groups: dict[tuple[str, str], tuple | None] = {}  # (search, point) -> the group its trial falls in
         self.stopped: set[str] = set()  # Tune trial ids the scheduler stopped early (SweepScheduler adds them)
         self.skipped = 0  # finished in an earlier run of the sweep
         self.tune_ids: dict[str, str] = {}  # Tune trial id -> flatray trial id
@@ -153,10 +156,17 @@ class SweepSearcher(Searcher):
         self.searches = [s for s in self.searches if s.todo]  # exhausted: their trials hold them until told
         return None
 
-    def _item(self, name, point, parent, level, search: Points, handle):
+    def _record(self, name, point, parent, level) -> dict:
+        """make_record for a point of a search; a group feeds it as one parent: {"id", "members": their records}."""
+        if parent and "members" in parent:
+            return make_record(self.sweep, self.root, name, point, level=level,
+                               group=[self.outcomes[r["id"]] for r in parent["members"]])
         parent_summary = self.outcomes[parent["id"]][1] if parent else None
+        return make_record(self.sweep, self.root, name, point, parent, parent_summary, level)
+
+    def _item(self, name, point, parent, level, search: Points, handle):
         try:
-            record = make_record(self.sweep, self.root, name, point, parent, parent_summary, level)
+            record = self._record(name, point, parent, level)
         except ConfigError as err:  # e.g. the parent left no mask to transfer: this trial fails, the sweep goes on
             log.warning("experiment %s: cannot start a trial: %s", name, err)
             failed = {"id": None, "experiment": name, "status": "failed", "metrics": {}, "error": str(err)}
@@ -181,42 +191,92 @@ class SweepSearcher(Searcher):
         self.searches[0:0] = [Points.create(self.sweep, child, record) for child in self.children[record["experiment"]]
                               if self.sweep.experiments[child].feed == "each"
                               and self._feeds(self.sweep.experiments[child], record)]
-        self._feed_best()
+        self._feed_many()
 
     def _feeds(self, child_exp, record) -> bool:
         return not child_exp.parent_levels or record.get("level") in child_exp.parent_levels
 
-    def _feed_best(self) -> None:
-        """feed: best waits until the parent experiment is complete, then takes the best trial of each group."""
+    @staticmethod
+    def _group(exp, record: dict) -> tuple:
+        flat = flatten(record["config"])
+        return tuple(json.dumps(flat.get(k)) for k in exp.group_by)
+
+    def _feed_many(self) -> None:
+        """feed: best waits until the parent experiment is complete, then takes the best trial of each group; feed:
+        group starts a trial per group as soon as no trial of that group is still to run, fed by all of its
+        finished trials, in the order of their searched values."""
         for name in self.order:
             exp = self.sweep.experiments[name]
-            if exp.feed != "best" or not exp.parent or name in self.fed_best or not self._complete(exp.parent):
+            if exp.feed == "group" and exp.parent and name not in self.fed_all:
+                self._feed_groups(name, exp)
+            if exp.feed != "best" or not exp.parent or name in self.fed_all or not self._complete(exp.parent):
                 continue
-            self.fed_best.add(name)
+            self.fed_all.add(name)
             groups: dict[tuple, tuple[dict, dict]] = {}
             for record, summary in self.outcomes.values():
                 if (record.get("experiment") != exp.parent or summary.get("status") != "done"
                         or not self._feeds(exp, record)):
                     continue
-                flat = flatten(record["config"])
-                group = tuple(json.dumps(flat.get(k)) for k in exp.group_by)
+                group = self._group(exp, record)
                 score = summary["metrics"].get("score", -math.inf)
                 sign = 1 if (self.sweep.experiments[exp.parent].search or SearchSettings()).mode == "max" else -1
                 if group not in groups or sign * score > sign * groups[group][1]["metrics"].get("score", -math.inf):
                     groups[group] = (record, summary)
             self.searches[0:0] = [Points.create(self.sweep, name, record) for record, _ in groups.values()]
 
+    def _feed_groups(self, name: str, exp) -> None:
+        complete = self._complete(exp.parent)  # then every group is released now, whatever _busy_groups would say
+        groups: dict[tuple, list[dict]] = {}
+        for record, summary in self.outcomes.values():
+            if record.get("experiment") == exp.parent and summary.get("status") == "done" and self._feeds(exp, record):
+                groups.setdefault(self._group(exp, record), []).append(record)
+        waiting = [g for g in groups if (name, g) not in self.fed_groups]
+        busy = set() if complete or not waiting else self._busy_groups(exp.parent, exp)
+        for group in waiting:
+            if busy is not None and group not in busy:
+                self.fed_groups.add((name, group))
+                members = sorted(groups[group], key=lambda r: (json.dumps(r["point"], sort_keys=True, default=str),
+                                                               r["id"]))
+                fed_by = {"id": "+".join(r["id"] for r in members), "members": members}
+                self.searches.insert(0, Points.create(self.sweep, name, fed_by))
+        if complete:
+            self.fed_all.add(name)
+
+    def _busy_groups(self, name: str, child) -> set[tuple] | None:
+        """The groups (of `child`'s group_by) that a trial of experiment `name` still to run may fall in; None when
+        that cannot be known yet (more of its trials may be released, or a group key is drawn at random)."""
+        exp = self.sweep.experiments[name]
+        if exp.parent and (not self._complete(exp.parent) or (exp.feed != "each" and name not in self.fed_all)):
+            return None
+        busy = {self._group(child, item[0]) for item in [*self.ready, *self.running.values()]
+                if item[0]["experiment"] == name}
+        for search in self.searches:
+            if search.experiment != name or not search.todo:
+                continue
+            if search.rest:
+                return None
+            for point in search.todo:
+                key = (search.key, json.dumps(point, sort_keys=True, default=str))
+                if key not in self.todo_groups:
+                    try:
+                        record = self._record(name, point, search.parent, 1 if exp.method.chained else None)
+                        self.todo_groups[key] = self._group(child, record)
+                    except ConfigError:
+                        self.todo_groups[key] = None  # it will fail without running
+                busy.add(self.todo_groups[key])
+        return busy
+
     def _complete(self, name: str) -> bool:
         """No trial of `name` is running, ready or still to be drawn, and none can be released any more."""
         exp = self.sweep.experiments[name]
         if exp.parent and not self._complete(exp.parent):
             return False
-        if exp.parent and exp.feed == "best" and name not in self.fed_best:
+        if exp.parent and exp.feed != "each" and name not in self.fed_all:
             return False
         return not (any(s.experiment == name and s.todo for s in self.searches)
                     or any(item[0]["experiment"] == name for item in self.ready)
                     or any(item[0]["experiment"] == name for item in self.running.values()))
 
     def _complete_all(self) -> bool:
-        self._feed_best()
+        self._feed_many()
         return all(self._complete(n) for n in self.order) and not self.ready

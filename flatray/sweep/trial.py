@@ -142,7 +142,9 @@ def summarize(record: dict, result, attempts: int, wall_s: float) -> dict:
         for what, name in methods.get(record["kind"]).files.items():  # what the method leaves, if it is there
             if name in files:
                 outputs[what] = path if what == "model" else storage.join(path, name)
-    metrics = {k: v for k, v in (best or {}).items() if isinstance(v, (int, float, str, bool)) and k != BEST}
+    scalar = (int, float, str, bool)  # and lists of numbers (SWA's swa_checkpoints)
+    metrics = {k: v for k, v in (best or {}).items() if k != BEST and (isinstance(v, scalar) or (
+        isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)))}
     return {"id": record["id"], "experiment": record["experiment"], "kind": record["kind"], "status": "done",
             "metrics": metrics, "history": history or [], "checkpoint": path, "outputs": outputs,
             "attempts": attempts, "wall_s": wall_s, "ended": time.time(), "error": None}

@@ -208,9 +208,9 @@ def _run_worker(run_config: dict) -> None:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
 
-    spec = data.TASKS[cfg.task]
     tokenizer = models.load_tokenizer(cfg.model)
-    raw = data.load_raw(spec, cfg.data.source, cfg.data.path, cfg.data.data_files, seed=cfg.train.seed)
+    # a task defined in the run file gets its classes from its data
+    spec, raw = data.load_task(cfg.task_spec, cfg.data.source, cfg.data.path, cfg.data.data_files, seed=cfg.train.seed)
     tokenized = data.tokenize(spec, raw, tokenizer, cfg.data.max_length, cfg.data.doc_stride,
                               cfg.data.max_train_samples, cfg.data.max_eval_samples)
     ctx = RunContext(cfg, train_context.get_world_rank(), train_context.get_world_size(), device, spec, tokenizer,

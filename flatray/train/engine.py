@@ -139,6 +139,17 @@ def model_loss(model, batch: dict) -> torch.Tensor:
     return model(**batch).loss
 
 
+def with_l1(loss_fn, weights: list[torch.Tensor], lam: float):
+    """`loss_fn` + lam * sum |w| over `weights` (P1 A.7's control: the prunable set). Its gradient adds
+    lam * sign(w) there (0 at pruned weights, whose gradient the mask zeroes anyway); the gradient clipping sees
+    the sum. In SAM both passes take it: SAM minimises the max of the whole objective around w."""
+
+    def loss(model, batch: dict) -> torch.Tensor:
+        return loss_fn(model, batch) + lam * torch.stack([w.abs().sum() for w in weights]).sum()
+
+    return loss
+
+
 def train_step(engine, batch: dict, cfg: RunConfig, loss_fn=model_loss, sam: bool | None = None,
                perturb: list | None = None) -> float:
     """One optimizer step on `batch`; returns the loss at the current weights (before any perturbation).

@@ -4,7 +4,8 @@ Each epoch: the method's step on every batch of the worker's shard, evaluation o
 (the method adds its own), and a report to Ray Train from every worker with a checkpoint: the method's files (rank
 0) and the state that continuing exactly needs (every worker: flatray.train.checkpoint). With
 `train.checkpoint_every_steps` N, also every N steps of a phase. A retried or resumed run restores the latest
-checkpoint, and `run_phase` puts its state back and continues at the very step where it was saved.
+checkpoint, and `run_phase` puts its state back and continues at the very step where it was saved. After the
+epochs, a run may report one more model as its last word: the best epoch's with its sharpness, or SWA's average.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class Phase:
     evaluate: Callable[[], dict] | None = None  # default: ctx.evaluate(engine.module)
     label: str = "epoch"
     number: int | None = None  # recorded as `phase` in its metrics when a method has several
-    output: bool = True  # its checkpoints hold the run's output: its best one is kept (not CoFi's masked student)
+    output: bool = True  # its checkpoints hold the run's output: its best one is kept (not CoFi's masked student,
+    # nor the epochs of an SWA run, whose output is the average: report_average)
     keep_best: bool = False  # keep the best epoch's weights in memory (its sharpness is measured at the end)
     state: Callable[[], dict] | None = None  # the method's own state outside the engine (CoFi: masks), checkpointed
     load_state: Callable[[dict], None] | None = None  # puts `state()` back in a resumed run
@@ -164,10 +166,36 @@ def report_best_with_sharpness(ctx: RunContext, phase: Phase, history: list[dict
     best = max(_mine(history, phase), key=lambda m: m["score"])
     final = {k: v for k, v in best.items() if k not in drop}
     final.update(sharpness_metrics(ctx, module))
+    _report_last(ctx, phase, history, final, last)
+
+
+def report_average(ctx: RunContext, phase: Phase, history: list[dict], averager) -> None:
+    """SWA: the averaged weights (flatray.train.swa) are the run's model. Evaluated (with the method's metrics, and
+    the sharpness when enabled) and reported with their checkpoint, marked best, as the run's last word; its epoch,
+    train_loss and lr are those of the last epoch."""
+    from flatray.methods.sharpness import sharpness_metrics
+
+    module = phase.engine.module
+    last = _clone(module)
+    averager.copy_to(module)
+    final = {k: v for k, v in _mine(history, phase)[-1].items() if k in ("epoch", "train_loss", "lr", "phase")}
+    final.update(phase.metrics())  # finetune: re-applies an IMP mask (a guard: the average of zeros is zero)
+    final.update(phase.evaluate() if phase.evaluate else ctx.evaluate(module))
+    final.update(averager.metrics())
+    if ctx.cfg.sharpness.enabled:
+        final.update(sharpness_metrics(ctx, module))
+    ctx.log(f"SWA of {len(averager.averaged)} points {averager.averaged}: score {final['score']:.4f}")
+    _report_last(ctx, phase, history, final, last)
+
+
+def _report_last(ctx: RunContext, phase: Phase, history: list[dict], final: dict, last: dict) -> None:
+    """Report `final` with a checkpoint of the module as it is now, the run's model (best); the engine state in it
+    holds the `last` weights (a run that continues after this checkpoint continues the last epoch)."""
+    module = phase.engine.module
     save_state = _saver(ctx, phase, Position(phase.number, phase.epochs.stop))
 
     def state(folder: Path) -> None:
-        module.load_state_dict(last)  # a run that continues after this checkpoint continues the last epoch
+        module.load_state_dict(last)
         save_state(folder)
 
     ctx.report(final, lambda folder: phase.save(folder, final, history), state=state)
