@@ -34,6 +34,27 @@ TINY_BERT_VERSION = "v1"  # bump when TINY_BERT or the tokenizer recipe changes
 SHORT_NAMES = ("tiny-bert", "minilm-offline")
 
 
+# Models whose checkpoint holds a pooler that was never trained. all-MiniLM-L6-v2 is a sentence-transformers model
+# (mean pooling over tokens): its pooler.dense was never updated (mean |w| 0.007, std 0.009, bias exactly 0, against
+# an encoder median |w| of 0.035), so all of it lies below the encoder's 60% magnitude quantile: global magnitude
+# pruning takes it whole, and the classifier, which reads the pooler's output, collapses. IMP leaves such a pooler out unless prune.include_pooler says so.
+UNTRAINED_POOLER = {"minilm-offline": "all-MiniLM-L6-v2 is a sentence-transformers model: its pooler was never trained"}
+
+
+def untrained_pooler(name: str) -> str | None:
+    """Why `name`'s pooler was never trained, or None. A flatray checkpoint folder answers for the model it was
+    fine-tuned from (its flatray_run.yaml)."""
+    if name in UNTRAINED_POOLER:
+        return UNTRAINED_POOLER[name]
+    run_file = Path(name, "flatray_run.yaml") if not is_hub_id(name) else None
+    if run_file is not None and _exists(run_file):
+        import yaml
+
+        parent = (yaml.safe_load(storage.read_text(str(run_file))) or {}).get("model")
+        return untrained_pooler(parent) if isinstance(parent, str) and parent != name else None
+    return None
+
+
 class ModelNotFound(RuntimeError):
     """The model cannot be loaded here; the message says how to get it."""
 

@@ -230,3 +230,25 @@ def test_masks_follow_their_weights_to_bf16_and_another_device(move):
         w = weights[name]
         assert w.dtype == torch.bfloat16 and (w[~mask.to(device)] == 0).all(), name
         assert (w[mask.to(device)] != 0).any(), name
+
+
+def test_the_pooler_is_prunable_unless_left_out():
+    model = tiny()
+    with_pooler, without = set(prune.prunable_weights(model)), set(prune.prunable_weights(model, include_pooler=False))
+    assert with_pooler - without == {"bert.pooler.dense.weight"}
+    assert all(".encoder." in name for name in without)
+
+
+def test_an_untrained_pooler_is_left_out_by_default_and_an_explicit_value_wins(tmp_path, capsys):
+    from flatray import models
+    from flatray.config import PruneConfig
+
+    assert prune.include_pooler(PruneConfig(), "tiny-bert") is True  # METHODS.md: the pooler is prunable
+    assert prune.include_pooler(PruneConfig(), "minilm-offline") is False
+    assert "pooler is left out" in capsys.readouterr().out
+    assert prune.include_pooler(PruneConfig(include_pooler=True), "minilm-offline") is True
+    # A checkpoint fine-tuned from minilm-offline (an IMP parent, a oneshot model) answers for its model.
+    (tmp_path / "flatray_run.yaml").write_text("model: minilm-offline\ntask: rotten-tomatoes\n")
+    assert models.untrained_pooler(str(tmp_path)) == models.UNTRAINED_POOLER["minilm-offline"]
+    (tmp_path / "flatray_run.yaml").write_text("model: tiny-bert\ntask: toy\n")
+    assert models.untrained_pooler(str(tmp_path)) is None

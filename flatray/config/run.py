@@ -127,6 +127,8 @@ class PruneConfig(Section):
     parent: str | None = Field(None, description="checkpoint folder whose trained weights are ranked (IMP level)")
     sparsity: float | None = Field(None, ge=0, lt=1, description="prune the survivors to this sparsity over the prunable set")
     method: Literal["magnitude", "random"] = "magnitude"
+    include_pooler: bool | None = Field(None, description="the pooler's dense weight is prunable (METHODS.md); "
+                                        "null: yes, except for a model whose pooler was never trained (minilm-offline)")
     rewind: Literal["pretrained", "none"] = Field(
         "pretrained", description="pretrained: reset kept weights to theta_0 (lottery ticket); none: continue from the parent"
     )

@@ -23,8 +23,11 @@ def run(ctx: RunContext) -> None:
     loader = ctx.train_loader()
     seed_everything(cfg.train.seed)  # same head init on every worker (DeepSpeed also broadcasts rank 0's weights)
     model = models.load_model(cfg.model, ctx.spec)
-    masked, masks, mask_meta = imp.setup(model, cfg.prune, cfg.train.seed)  # before the engine copies weights
-    prunable = list(imp.prunable_weights(model).values())
+    with_pooler = imp.include_pooler(cfg.prune, cfg.model) if cfg.prune.active or cfg.train.l1 else True
+    masked, masks, mask_meta = imp.setup(model, cfg.prune, cfg.train.seed, with_pooler)  # before the engine copies
+    prunable = list(imp.prunable_weights(model, with_pooler).values())
+    if masks is not None:
+        mask_meta["include_pooler"] = with_pooler  # recorded in the mask file
     history = ctx.resumed.history if ctx.resumed else []  # the engine's state comes back in loop.run_phase
     engine = build_engine(model, cfg, ctx.world, total_steps=cfg.train.epochs * len(loader))
     loss_fn = with_l1(model_loss, prunable, cfg.train.l1) if cfg.train.l1 else model_loss

@@ -21,18 +21,34 @@ from flatray.methods import MASK_FILE
 Masks = dict[str, torch.Tensor]
 
 
-def prunable_weights(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The prunable weights, found from the model's structure: Linear layers under the encoder, and the pooler."""
+def prunable_weights(model: torch.nn.Module, include_pooler: bool = True) -> dict[str, torch.nn.Parameter]:
+    """The prunable weights, found from the model's structure: Linear layers under the encoder, and the pooler
+    (unless include_pooler is False; a RoBERTa or QA model has none)."""
     base = model.base_model
     encoder = getattr(base, "encoder", None)
     if encoder is None:
         raise ValueError(f"{type(model).__name__} has no .base_model.encoder: not a BERT-family encoder")
-    owned = [encoder] + ([base.pooler] if getattr(base, "pooler", None) is not None else [])
+    pooler = getattr(base, "pooler", None) if include_pooler else None
+    owned = [encoder] + ([pooler] if pooler is not None else [])
     wanted = {id(m.weight) for part in owned for m in part.modules() if isinstance(m, torch.nn.Linear)}
     weights = {name: p for name, p in model.named_parameters() if id(p) in wanted}
     if not weights:
         raise ValueError(f"{type(model).__name__}: no Linear weights found in the encoder")
     return weights
+
+
+def include_pooler(prune_cfg, model_name: str) -> bool:
+    """prune.include_pooler, or when unset: True, except for a model whose pooler was never trained (models.py:
+    UNTRAINED_POOLER), which is left out with one line saying why."""
+    if prune_cfg is not None and prune_cfg.include_pooler is not None:
+        return prune_cfg.include_pooler
+    from flatray import models
+
+    why = models.untrained_pooler(model_name)
+    if why:
+        print(f"[flatray] prune: the pooler is left out of the prunable set ({why}; prune.include_pooler: true "
+              "keeps it in)", flush=True)
+    return why is None
 
 
 def zero_fraction(weights) -> float:
@@ -178,7 +194,8 @@ def _provenance(parent: str | None) -> dict:
             "seed": run["train"]["seed"], "computed_from": str(Path(parent).resolve())}
 
 
-def setup(model: torch.nn.Module, prune_cfg, seed: int) -> tuple[MaskedModel | None, Masks | None, dict]:
+def setup(model: torch.nn.Module, prune_cfg, seed: int,
+          with_pooler: bool = True) -> tuple[MaskedModel | None, Masks | None, dict]:
     """Prepare `model` (freshly loaded pre-trained encoder + new head) for one pruning run, as its config says:
 
     - start mask: `mask` file, else the parent checkpoint's mask file, else dense;
@@ -190,7 +207,7 @@ def setup(model: torch.nn.Module, prune_cfg, seed: int) -> tuple[MaskedModel | N
     """
     if prune_cfg is None or not prune_cfg.active:
         return None, None, {}
-    weights = prunable_weights(model)
+    weights = prunable_weights(model, with_pooler)
     parent = load_weights(prune_cfg.parent) if prune_cfg.parent else None
     mask_file = prune_cfg.mask or (
         str(Path(prune_cfg.parent) / MASK_FILE) if prune_cfg.parent and (Path(prune_cfg.parent) / MASK_FILE).exists() else None

@@ -37,7 +37,7 @@ def run(ctx) -> None:
     from flatray.train.checkpoint import write_run_files
 
     model = models.load_model(ctx.cfg.model, ctx.spec).to(ctx.device).eval()
-    weights = imp.prunable_weights(model)
+    weights = imp.prunable_weights(model, imp.include_pooler(ctx.cfg.prune, ctx.cfg.model))
     trained = {name: w.detach().clone() for name, w in weights.items()}
     targets = [0.0, *ctx.cfg.oneshot.sparsities]
     rows: list[dict] = []
