@@ -11,6 +11,10 @@ from flatray.sweep import graph as sweepfile
 from flatray.tracking import read_offline_runs
 
 
+# The whole smoke graph end to end (minutes): CI runs it in its second stage, `make test-faults`.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     import ray

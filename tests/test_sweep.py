@@ -156,6 +156,7 @@ experiments:
 """
 
 
+@pytest.mark.slow
 def test_an_interrupted_sweep_resumes_and_runs_each_trial_to_the_end_once(tmp_path):
     path = tmp_path / "resume.yaml"
     path.write_text(RESUME.format(storage=tmp_path))
