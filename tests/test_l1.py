@@ -133,7 +133,7 @@ def test_a_masked_run_with_the_penalty_shrinks_the_prunable_weights(tmp_path):
     (_, metrics), = result.best_checkpoints
     pretrained = imp.prunable_weights(new_model())
     masks = imp.magnitude_masks(pretrained, 0.5)  # what the run kept (no parent: the pre-trained magnitudes)
-    start = sum(float((w * masks[n]).abs().sum()) for n, w in pretrained.items())
+    start = sum(float((w.detach() * masks[n]).abs().sum()) for n, w in pretrained.items())
     print(f"l1_norm {metrics['l1_norm']:.1f} of {start:.1f} at the start")
     # every kept weight is pulled towards zero by about lr per step (4 steps, lr decaying linearly to 0)
     assert metrics["l1_norm"] < 0.97 * start

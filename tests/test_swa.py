@@ -27,7 +27,7 @@ def ray_session():
     ray.shutdown()
 
 
-def KeepWeights(folder):
+def keep_weights(folder):
     """A Ray Train callback (run in Train's controller, pickled by value) that copies the weights of every reported
     checkpoint, as it is reported, to `folder`/<epoch>.safetensors: the epoch, fractional for a checkpoint inside
     an epoch (its report repeats the last epoch's metrics with the step), or swa.safetensors for the average."""
@@ -55,7 +55,7 @@ def swa_run(tmp_path, name, **sections):
     cfg = swa_config(tmp_path, name, **sections)
     kept = tmp_path / f"{name}-weights"
     kept.mkdir()
-    return cfg, train.make_trainer(cfg, callbacks=[KeepWeights(str(kept))]).fit(), kept
+    return cfg, train.make_trainer(cfg, callbacks=[keep_weights(str(kept))]).fit(), kept
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flatray.config.run import CoFiConfig
+from flatray.config.sections import CoFiConfig
 from flatray.methods.cofi_masks import (MASK_NAMES, STRUCTURE_KEY, CoFiMasks, NoAttention, attach, count_prunable,
                                         load_pruned, mask_optimizer, prune, save_pruned, sparsity_of)
 

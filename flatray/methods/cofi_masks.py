@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flatray.config.run import CoFiConfig
+from flatray.config.sections import CoFiConfig
 
 MASK_NAMES = ("attn_layer", "ffn_layer", "heads", "units", "hidden")
 STRUCTURE_KEY = "flatray_structure"  # the config.json entry that describes a pruned model
