@@ -255,7 +255,7 @@ def measurements(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     notes = []
     if (cofi & ~accepted).any():
         notes.append(f"P1: {int((cofi & ~accepted).sum())} CoFi trial(s) ended more than 1% from their target "
-                     "sparsity (P1 accepts within 1%): not compared")
+                     "sparsity (P1 accepts within 1%; their cofi.sparsity_tolerance was wider): not compared")
     done = pd.concat([done[~cofi], _best_of_search(done[cofi & accepted], ["task"])])
     metric_keys = {m for m in p1_numbers()["metric"]}
     out, deviating = [], {}
