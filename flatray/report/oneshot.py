@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from flatray.report import compare
 from flatray.report.figures import COLORS, _figure, _save, _yerr
 from flatray.report.tables import (Section, _best_of_search, _by_parent_optimizer, _done, _markdown, _opt_key,
                                    _pct, _pivot, _sorted_opts, _sorted_tasks, _stats, metric_label)
@@ -46,6 +47,10 @@ def oneshot_sparsity(df: pd.DataFrame, out: Path) -> Section:
                             _pct)
     sec.markdown["oneshot_sparsity"] = _markdown(table)
     sec.missing += [f"oneshot: {t} / {o} at {s:g}% sparsity: no finished trial" for t, o, s in missing]
+    diff = compare.paired(points)
+    if not diff.empty:  # SAM − Adam paired by seed (flatray.report.compare)
+        sec.tables["oneshot_sam_minus_adam"] = diff
+        sec.markdown["oneshot_sam_minus_adam"] = compare.markdown(diff)
 
     fig, axes = _figure(len(tasks))
     for ax, task in zip(axes, tasks):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from flatray.report import compare
 from flatray.report.figures import COLORS, _figure, _save, _yerr
 from flatray.report.load import Trial, _get, _num
 from flatray.report.tables import (
@@ -109,6 +110,11 @@ def imp_sparsity(df: pd.DataFrame, out: Path) -> Section:
     sparsities = sorted(set(stats["sparsity_pct"]))
     table, missing = _pivot(stats, rows, ["task", "method"], "sparsity_pct", sparsities, _pct)
     sec.markdown["imp_sparsity"] = _markdown(table)
+    magnitude = points[points["prune_method"] == "magnitude"] if "prune_method" in points else points
+    diff = compare.paired(magnitude)
+    if not diff.empty:  # SAM − Adam tickets paired by seed (flatray.report.compare)
+        sec.tables["imp_sam_minus_adam"] = diff
+        sec.markdown["imp_sam_minus_adam"] = compare.markdown(diff)
     how = dict(zip(stats["method"], stats["prune_method"]))
     for task, method, s in missing:  # a gap where a line of the same task and mask method has a point
         same = stats[(stats["task"] == task) & (stats["prune_method"] == how[method])]
