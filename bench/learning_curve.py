@@ -22,6 +22,10 @@ from flatray.config import RunConfig
 from flatray.train.engine import build_engine, train_step
 
 
+def source(spec) -> str:
+    return "registry" if spec.registry else ("builtin" if spec.hub_path is None else "hub")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("optimizer", choices=["adam", "sam", "asam"])
@@ -41,7 +45,7 @@ def main() -> None:
 
     spec = data.TASKS[args.task]
     tokenizer = models.load_tokenizer(args.model)
-    tokenized = data.tokenize(spec, data.load_raw(spec, "registry" if spec.registry else "hub"), tokenizer,
+    tokenized = data.tokenize(spec, data.load_raw(spec, source(spec)), tokenizer,
                               args.max_length, max_eval_samples=args.dev)
     collate = data.collator(tokenizer)
     order = torch.randperm(len(tokenized.train), generator=torch.Generator().manual_seed(0)).tolist()
