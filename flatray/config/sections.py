@@ -72,6 +72,8 @@ class CoFiConfig(Section):
                                  "layer, head and hidden masks start kept, as in CoFi's code)")
     lr_masks: float = Field(0.01, gt=0, description="lr of log_alpha (CoFi's reg_learning_rate)")
     lr_lambdas: float = Field(0.01, gt=0, description="lr of the Lagrange multipliers")
+    mask_beta1: float = Field(0.0, ge=0, lt=1, description="Adam's beta1 for the masks and multipliers (CoFi's "
+                              "code: 0.9, which makes the sparsity overshoot the target and oscillate)")
     sparsity_tolerance: float = Field(0.01, ge=0, lt=1, description="the run fails when the pruned model's sparsity "
                                       "is further than this from target_sparsity (P1: 95% accepted within 1%)")
     # The hard-concrete stretch and temperature (Louizos et al. 2018, as CoFi uses them): constants, not settings.

@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatray.config.sections import CoFiConfig
-from flatray.methods.cofi_masks import (MASK_NAMES, STRUCTURE_KEY, CoFiMasks, NoAttention, attach, count_prunable,
-                                        load_pruned, mask_optimizer, prune, save_pruned, sparsity_of)
+from flatray.methods.cofi_masks import MASK_NAMES, STRUCTURE_KEY, CoFiMasks, attach, mask_optimizer
+from flatray.methods.cofi_prune import NoAttention, count_prunable, load_pruned, prune, save_pruned, sparsity_of
 
 __all__ = ["MASK_NAMES", "STRUCTURE_KEY", "CoFiConfig", "CoFiMasks", "NoAttention", "SparsityMissedError", "attach",
-           "check_sparsity", "count_prunable", "distill_step", "kd_loss", "lagrangian", "layer_loss", "load_pruned", "mask_optimizer", "prune", "run",
-           "save_pruned", "sparsity_of", "target_at"]
+           "check_sparsity", "count_prunable", "distill_step", "kd_loss", "lagrangian", "layer_loss", "load_pruned",
+           "mask_optimizer", "prune", "run", "save_pruned", "sparsity_of", "target_at"]
 
 MASKS_FILE = "cofi_masks.safetensors"  # in a pruning-phase checkpoint: log_alpha and the multipliers, to read
 
@@ -114,10 +114,6 @@ def layer_loss(student_hidden: tuple, teacher_hidden: tuple, transform: nn.Modul
             m = attention_mask.unsqueeze(-1).to(err.dtype)
             total = total + (err * m).sum() / (m.sum() * err.shape[-1])
     return total
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Masked forward through hooks
 
 
 # ---------------------------------------------------------------------------------------------------------------
