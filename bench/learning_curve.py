@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--dev", type=int, default=400)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--group-by-length", action="store_true", help="length-grouped batches (data.group_by_length)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     init_distributed()
@@ -49,6 +50,14 @@ def main() -> None:
                               args.max_length, max_eval_samples=args.dev)
     collate = data.collator(tokenizer)
     order = torch.randperm(len(tokenized.train), generator=torch.Generator().manual_seed(0)).tolist()
+    if args.group_by_length:  # one epoch of length-grouped batches, then the next, as the study's loader draws them
+        from flatray.data.sampling import LengthGroupedSampler
+
+        sampler = LengthGroupedSampler([len(ids) for ids in tokenized.train["input_ids"]], args.batch_size)
+        order = []
+        while len(order) < args.steps * args.batch_size:
+            sampler.set_epoch(sampler.epoch + 1)
+            order += list(sampler)
     torch.manual_seed(0)
     cfg = RunConfig(model=args.model, task=args.task,
                     train={"batch_size": args.batch_size, "epochs": 1, "lr": args.lr},
@@ -65,11 +74,12 @@ def main() -> None:
                 correct += int((engine.module(**batch).logits.argmax(-1).numpy() == dev.labels[i:i + 64]).sum())
         return correct / len(dev.features)
 
-    print(f"{args.optimizer}: {args.model} on {args.task}, batch {args.batch_size}, lr {args.lr} linear to 0 over "
+    print(f"{args.optimizer}: {args.model} on {args.task}, batch {args.batch_size}"
+          f"{' length-grouped' if args.group_by_length else ''}, lr {args.lr} linear to 0 over "
           f"{args.steps} steps; dev accuracy on {len(dev.features)} examples")
     start, losses = time.time(), []
     for step in range(args.steps):
-        at = (step * args.batch_size) % (len(order) - args.batch_size)
+        at = step * args.batch_size if args.group_by_length else (step * args.batch_size) % (len(order) - args.batch_size)
         losses.append(train_step(engine, collate([tokenized.train[i] for i in order[at:at + args.batch_size]]), cfg))
         if (step + 1) % args.every == 0:
             print(f"{args.optimizer} step {step + 1} loss(last {args.every}) "

@@ -252,3 +252,49 @@ def test_an_untrained_pooler_is_left_out_by_default_and_an_explicit_value_wins(t
     assert models.untrained_pooler(str(tmp_path)) == models.UNTRAINED_POOLER["minilm-offline"]
     (tmp_path / "flatray_run.yaml").write_text("model: tiny-bert\ntask: toy\n")
     assert models.untrained_pooler(str(tmp_path)) is None
+
+
+def test_roberta_layout_prunable_set_head_reset_and_no_pooler(tmp_path, capsys):
+    """P1 A.12 runs IMP on RoBERTa-base. Its classification model has no pooler (RobertaModel(add_pooling_layer=
+    False)); its head (classifier.dense + classifier.out_proj) sits outside the encoder and is never pruned, and is
+    reset to its initial values at a rewind, as BERT's is."""
+    from transformers import RobertaConfig, RobertaModel
+
+    from flatray.config import PruneConfig
+
+    torch.manual_seed(0)
+    pretrained = tmp_path / "roberta-tiny"
+    RobertaModel(RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=40)).save_pretrained(pretrained)
+    base = RobertaModel.from_pretrained(pretrained).state_dict()
+    assert any(k.startswith("pooler.") for k in base)  # the checkpoint has one (as roberta-base does) ...
+
+    def load(seed=0):
+        torch.manual_seed(seed)
+        return models.load_model(str(pretrained), TASKS["toy"])
+
+    model = load()
+    names = set(prune.prunable_weights(model))
+    assert not any("pooler" in n for n, _ in model.named_parameters())  # ... that the classifier drops
+    assert len(names) == 6 * 2 and all(n.startswith("roberta.encoder.layer.") and n.endswith(".weight") for n in names)
+    for part in ("query", "key", "value", "attention.output.dense", "intermediate.dense", "0.output.dense"):
+        assert any(part in n for n in names if ".layer.0." in n), part
+    assert {n for n, _ in model.named_parameters() if n.startswith("classifier.")} == {
+        "classifier.dense.weight", "classifier.dense.bias", "classifier.out_proj.weight", "classifier.out_proj.bias"}
+    assert prune.include_pooler(PruneConfig(), str(pretrained)) is True and "pooler" not in capsys.readouterr().out
+
+    # A level: rank the parent's trained weights, rewind to theta_0 (encoder pretrained, head from the seed).
+    trained = load()
+    perturb_like_training(trained, 5)
+    parent = save_parent(trained, tmp_path / "parent")
+    fresh = load()
+    theta0 = copy.deepcopy(fresh.state_dict())
+    assert all(torch.equal(theta0["roberta." + k], v) for k, v in base.items() if not k.startswith("pooler."))
+    _, masks, _ = prune.setup(fresh, prune_cfg(parent=str(parent), sparsity=0.2), seed=0)
+    assert set(masks) == names and prune.sparsity(masks) == pytest.approx(0.2, abs=1e-3)
+    for name, value in fresh.state_dict().items():
+        if name in masks:
+            assert torch.equal(value[masks[name]], theta0[name][masks[name]]) and (value[~masks[name]] == 0).all()
+        else:
+            assert torch.equal(value, theta0[name])  # the head (dense and out_proj) back to its initial values
+    assert not torch.equal(theta0["classifier.out_proj.weight"], trained.state_dict()["classifier.out_proj.weight"])

@@ -35,6 +35,8 @@ class DataConfig(Section):
     doc_stride: int = Field(128, gt=0, description="SQuAD window overlap in tokens")
     max_train_samples: int | None = Field(None, gt=0)
     max_eval_samples: int | None = Field(None, gt=0)
+    group_by_length: bool = Field(False, description="training batches of examples of similar length (less padding; "
+                                  "HF's length-grouped order, the batches shuffled; flatray.data.sampling)")
 
 
 class TrainConfig(Section):

@@ -136,15 +136,21 @@ class RunContext:
         import torch
         from torch.utils.data import DataLoader, DistributedSampler
 
-        train = self.tokenized.train
-        sampler = DistributedSampler(train, num_replicas=self.world, rank=self.rank, shuffle=True,
-                                     seed=self.cfg.train.seed)
+        train, batch_size = self.tokenized.train, self.cfg.train.batch_size
+        if self.cfg.data.group_by_length:
+            from flatray.data.sampling import LengthGroupedSampler
+
+            sampler = LengthGroupedSampler([len(ids) for ids in train["input_ids"]], batch_size, self.world,
+                                           self.rank, self.cfg.train.seed)
+        else:
+            sampler = DistributedSampler(train, num_replicas=self.world, rank=self.rank, shuffle=True,
+                                         seed=self.cfg.train.seed)
         # Its own generator: starting an epoch's iterator then draws nothing from the global RNG, whose stream
         # (dropout) depends on the steps taken only, so a run resumed mid-epoch draws what an unbroken one draws.
-        loader = DataLoader(train, batch_size=self.cfg.train.batch_size // self.world, sampler=sampler,
+        loader = DataLoader(train, batch_size=batch_size // self.world, sampler=sampler,
                             collate_fn=self.collate, drop_last=True, generator=torch.Generator())
         if len(loader) == 0:
-            raise ValueError(f"train set of {len(train)} examples gives no full batch of {self.cfg.train.batch_size}")
+            raise ValueError(f"train set of {len(train)} examples gives no full batch of {batch_size}")
         return loader
 
     def batches(self, features, n: int) -> list[dict]:
