@@ -7,7 +7,7 @@ config it used (issue 13; docs/RESULTS.md prints this script's output):
    dropout on, over `--steps` steps of real batches.
 2. One flatray SAM step equals a plain PyTorch two-pass SAM step (torch.optim.AdamW, clip_grad_norm_, the SAM
    formula of METHODS.md section 2 written out here, the same dropout masks in both passes).
-3. (The rho sweep is a sweep: sweeps/offline_study.yaml's `rho` experiment.)
+3. (The rho sweep is a sweep: sweeps/offline_rho.yaml.)
 
     .venv/bin/python bench/sam_checks.py                       # minilm-offline on rotten-tomatoes, 64 tokens
     .venv/bin/python bench/sam_checks.py --model tiny-bert --task toy --steps 3

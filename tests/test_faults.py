@@ -94,6 +94,25 @@ def test_the_root_cause_of_a_failure_comes_first():
     assert root_cause("OSError: disk full") == "OSError: disk full"
 
 
+def test_a_long_message_cut_out_of_rays_snippet_is_read_from_the_workers_error():
+    """Ray Train cuts a long worker snippet in the middle (a CoFi run's SparsityMissedError lost its exception
+    line that way, and the results table showed "WorkerGroupError: Training failed..."); the WorkerGroupError's
+    worker_failures hold each worker's whole traceback."""
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    from flatray.sweep.trial import describe, root_cause
+
+    tail = "x" * 3000
+    whole = ('Traceback (most recent call last):\n  File "flatray/methods/cofi.py", line 144, in check_sparsity\n'
+             f"flatray.methods.cofi.SparsityMissedError: CoFi ended at 70.6% sparsity, target 50.0% {tail}\n")
+    cut = "[Rank 0 Error Snippet]:\n" + whole[:90] + "\n...\n... (Output truncated) ...\n" + whole[-60:]
+    error = WorkerGroupError(cut, {0: UserExceptionWithTraceback(ValueError("CoFi ended"), whole)})
+    assert not root_cause(f"WorkerGroupError: {error}").startswith("SparsityMissedError")  # what the text allows
+    assert describe(error) == f"SparsityMissedError (rank 0): CoFi ended at 70.6% sparsity, target 50.0% {tail}"
+    assert describe(ValueError("plain")) == "ValueError: plain"
+
+
 def test_the_diverged_trial_shows_its_cause_first(diverged):
     _, outcomes = diverged
     (_, summary), = outcomes.values()

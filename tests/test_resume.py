@@ -230,7 +230,7 @@ def test_cofi_resumes_bit_identical_after_a_kill_in_each_phase(tmp_path, ray_ses
     model is rebuilt from the checkpoint); the run's model is the best fine-tuning checkpoint."""
     sections = {"kind": "cofi", "train": {"lr": 1e-3, "checkpoint_every_steps": 3},
                 "cofi": {"target_sparsity": 0.5, "prune_epochs": 2, "finetune_epochs": 2, "lr_masks": 0.1,
-                         "lr_lambdas": 0.1}}
+                         "lr_lambdas": 0.1, "sparsity_tolerance": 0.5}}  # 6 pruning steps cannot reach the target
     reference = train.fit(run_config(tmp_path, "ref", **sections))
     restarts, resumed, reports = run_killed_then_resumed(run_config(tmp_path, "killed", **sections),
                                                          [epoch_end(1, phase=1), step_checkpoint(4, 3, phase=2)])

@@ -43,6 +43,17 @@ def root_cause(text: str) -> str:
     return f"{found.group(1).rsplit('.', 1)[-1]}{where}: {found.group(2)}"
 
 
+def describe(error: BaseException) -> str:
+    """`root_cause` of a raised error. Ray Train's own text cuts each worker's snippet in the middle when it is long
+    (a long message loses its exception line), so a WorkerGroupError is read from its `worker_failures` (rank ->
+    the worker's error, whose text is the whole traceback)."""
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        rank = min(failures)
+        return root_cause(f"[Rank {rank} Error Snippet]:\n{failures[rank]}")
+    return root_cause(f"{type(error).__name__}: {error}")
+
+
 def worker_log(text: str) -> str | None:
     """The log file of the failed worker, from the note flatray.train.context puts under its exception."""
     found = re.search(r"^worker log: (\S+)", text, re.MULTILINE)
@@ -52,8 +63,7 @@ def worker_log(text: str) -> str | None:
 def _cause(error: Exception) -> str:
     """The error as summary.json keeps it: the root cause first (the console and the results table show the first
     line), then Ray's whole text with the worker's traceback."""
-    text = f"{type(error).__name__}: {error}"
-    return f"{root_cause(text)}\n{text}"
+    return f"{describe(error)}\n{type(error).__name__}: {error}"
 
 
 def run_trial(tune_config: dict) -> None:
@@ -75,7 +85,7 @@ def run_trial(tune_config: dict) -> None:
         print(f"[flatray] trial {record['id']} ({record['experiment']}) failed: {err}", flush=True)
     if "No space left" in str(error) and not isinstance(error, storage.StorageError):  # a worker's write
         error = storage.StorageError(f"No space left on device ({storage.free_space(folder)}) for {folder}: "
-                                     f"{root_cause(f'{type(error).__name__}: {error}')}")
+                                     f"{describe(error)}")
     try:
         storage.write_json(storage.join(folder, "summary.json"), {
             "id": record["id"], "experiment": record["experiment"], "kind": record["kind"], "status": "failed",
@@ -113,7 +123,7 @@ def _fit_with_retries(record: dict, retries: int):
             text = f"{type(err).__name__}: {err}"
             log = worker_log(text)
             print(f"[flatray] trial {record['id']} ({record['experiment']}) attempt {attempt}/{retries + 1} "
-                  f"failed: {root_cause(text)[:300]}{f' (worker log {log})' if log else ''}", flush=True)
+                  f"failed: {describe(err)[:300]}{f' (worker log {log})' if log else ''}", flush=True)
             if DIVERGED in str(err):  # a retry from the last checkpoint would diverge again
                 break
     return None, attempt, error
