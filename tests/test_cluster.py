@@ -228,7 +228,7 @@ def fake_autoscaling_config(gcs_port: int, head: dict, workers: dict) -> dict:
                      "disable_launch_config_check": True, "gcs_address": f"127.0.0.1:{gcs_port}"},
         "available_node_types": {"ray.head.default": {"resources": head, "node_config": {}, "max_workers": 0},
                                  **workers},
-        "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.1,
+        "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 1.0,
         "docker": {}, "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
         "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
         "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,

@@ -91,6 +91,10 @@ def sweep_env(tmp: Path, port: int) -> dict:
     for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         env[var] = str(tmp / "wandb_home" / var.lower())
     env.pop("WANDB_MODE", None)  # the sweep file's mode (tests/conftest.py sets offline)
+    # A W&B service this test process started (an in-process test before this one) sets WANDB_SERVICE, and a
+    # sweep that inherited it would log into that service: a SIGKILLed driver's run would stay open there, and
+    # the next driver's run of the same id would be refused ("run ID ... is in use"). A user's sweep starts its own.
+    env.pop("WANDB_SERVICE", None)
     (tmp / "home").mkdir(exist_ok=True)
     return env
 
