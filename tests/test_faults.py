@@ -111,6 +111,7 @@ def test_a_long_message_cut_out_of_rays_snippet_is_read_from_the_workers_error()
     assert not root_cause(f"WorkerGroupError: {error}").startswith("SparsityMissedError")  # what the text allows
     assert describe(error) == f"SparsityMissedError (rank 0): CoFi ended at 70.6% sparsity, target 50.0% {tail}"
     assert describe(ValueError("plain")) == "ValueError: plain"
+    assert describe(WorkerGroupError(cut, {1: KeyError("k")})) == "KeyError (rank 1): 'k'"  # the exception itself
 
 
 def test_the_diverged_trial_shows_its_cause_first(diverged):

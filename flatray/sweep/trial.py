@@ -50,7 +50,11 @@ def describe(error: BaseException) -> str:
     failures = getattr(error, "worker_failures", None)
     if failures:
         rank = min(failures)
-        return root_cause(f"[Rank {rank} Error Snippet]:\n{failures[rank]}")
+        found = root_cause(f"[Rank {rank} Error Snippet]:\n{failures[rank]}")  # a traceback's text ...
+        if not found.startswith("[Rank "):
+            return found
+        lines = str(failures[rank]).strip().splitlines()  # ... or the exception itself
+        return f"{type(failures[rank]).__name__} (rank {rank}): {lines[0] if lines else ''}"
     return root_cause(f"{type(error).__name__}: {error}")
 
 
