@@ -39,5 +39,13 @@ def test_one_pair_gives_the_difference_alone_and_cells_stay_apart():
     assert "| rt | 60% | -10.00 | — | — | 1 |" in text
 
 
+def test_equal_differences_give_no_p_value():
+    rows = [("rt", "adam", 0, 40.0, 0.70), ("rt", "sam", 0, 40.0, 0.72),
+            ("rt", "adam", 1, 40.0, 0.60), ("rt", "sam", 1, 40.0, 0.62)]
+    row = compare.paired(points(rows)).iloc[0]
+    assert row["diff_mean"] == pytest.approx(0.02) and row["diff_std"] == pytest.approx(0, abs=1e-12)
+    assert math.isnan(row["p_value"])
+
+
 def test_no_pairs_no_rows():
     assert compare.paired(points([("rt", "adam", 0, 0.0, 0.7)])).empty

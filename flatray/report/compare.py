@@ -38,8 +38,9 @@ def paired(points: pd.DataFrame, by: tuple[str, ...] = ("task", "sparsity_pct"),
             std = float(d.std(ddof=1))
             half = stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)
             row.update(diff_std=std, ci_low=mean - half, ci_high=mean + half,
+                       # equal differences (a real case: 2 seeds, each 3 dev examples apart) leave t undefined
                        p_value=float(stats.ttest_rel(wide.loc[d.index, a], wide.loc[d.index, b]).pvalue)
-                       if std > 0 else (0.0 if mean else 1.0))
+                       if std > 1e-12 else math.nan)
         rows.append(row)
     return pd.DataFrame(rows, columns=[*by, *COLUMNS[2:]])
 
