@@ -7,6 +7,8 @@ from the same initial weights: flatray Adam, flatray SAM, flatray ASAM (DeepSpee
 step time of each over all timed steps gives the ratios:
 
     SAM/Adam step time         target <= 2.1  (SAM does two forward/backward passes: 2.0 is the floor)
+    cheaper SAM / Adam         target <= 1.3 for the best variant: SAM every 5th step, and LookSAM with k = 5
+                               (flatray.methods.cheap_sam), by mean step time
     flatray / HF Trainer sam/s target >= 1.0
 
 With `--precision bf16` the three flatray contenders run in fp32 *and* in bf16 (fp32 weights, compute under
@@ -49,6 +51,11 @@ from flatray.train.engine import build_engine, train_step  # noqa: E402
 TARGET_SAM = 2.1
 TARGET_HF = 1.0
 OPTIMIZERS = {"adam": "Adam", "sam": "SAM", "asam": "ASAM"}
+# Cheaper SAM (flatray.methods.cheap_sam), fp32 only, SAM on 1 step in K; compared by mean step time (below)
+K = 5
+VARIANTS = {"sam_every": ("SAM every 5th", {"name": "sam", "sam_every": K}),
+            "looksam": ("LookSAM k=5", {"name": "sam", "sam_every": K, "sam_between": "looksam"})}
+TARGET_VARIANT = 1.3
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,7 +77,7 @@ def parse_args() -> argparse.Namespace:
 
 
 class Flatray:
-    """One flatray optimizer (adam, sam or asam) in one precision, in its own DeepSpeed engine."""
+    """One flatray optimizer (adam, sam, asam or a cheaper SAM variant) in one precision, in its own DeepSpeed engine."""
 
     def __init__(self, optimizer: str, precision: str, name: str, model: torch.nn.Module, batch: dict, args,
                  total_steps: int):
@@ -79,7 +86,7 @@ class Flatray:
             model="tiny-bert",  # not read by the engine functions: the module is passed in
             task="toy",
             train={"batch_size": args.batch, "epochs": 1, "lr": 2e-5},
-            optimizer={"name": optimizer},
+            optimizer=VARIANTS[optimizer][1] if optimizer in VARIANTS else {"name": optimizer},
             deepspeed={"zero_stage": args.zero_stage, "precision": precision, "gradient_clipping": 1.0},
             scaling={"num_workers": 1, "use_gpu": CUDA},
         )
@@ -254,11 +261,29 @@ def print_bf16_ratios(median, names, ratios, ratios_min, hf_skipped) -> None:
         print(f"flatray Adam bf16 / HF Trainer bf16 samples/s: n/a, HF Trainer skipped: {hf_skipped}")
 
 
+def variant_ratios(times: dict[str, list[float]], names: dict, steps: int) -> dict[str, float]:
+    """Mean step time / Adam's (fp32) for SAM and the cheaper variants. The mean, not the median: a variant's steps
+    are of two kinds (1 SAM step in K), and its median is its cheap step. Every round's `steps` consecutive steps
+    hold the same number of SAM steps when `steps` is a multiple of K."""
+    if steps % K:
+        print(f"note: --steps {steps} is not a multiple of {K}: the variants' rounds hold unequal numbers of SAM steps")
+    adam = statistics.fmean(times[names["adam", "fp32"]])
+    return {o: statistics.fmean(times[names[o, "fp32"]]) / adam for o in ("sam", *VARIANTS)}
+
+
+def print_variant_ratios(ratios: dict[str, float]) -> None:
+    best = min(VARIANTS, key=ratios.get)
+    print(f"cheaper SAM, mean step time / Adam's (fp32; SAM on 1 step in {K}): SAM {ratios['sam']:.2f}, "
+          + ", ".join(f"{VARIANTS[v][0]} {ratios[v]:.2f}" for v in VARIANTS)
+          + f"; best {VARIANTS[best][0]} {ratios[best]:.2f} (target <= {TARGET_VARIANT})")
+
+
 def main() -> None:
     args = parse_args()
     both = args.precision == "bf16"
     precisions = ("fp32", "bf16") if both else ("fp32",)
     names = {(o, p): f"flatray {label}" + (f" {p}" if both else "") for p in precisions for o, label in OPTIMIZERS.items()}
+    names.update({(v, "fp32"): f"flatray {label}" + (" fp32" if both else "") for v, (label, _) in VARIANTS.items()})
     hf_name = "HF Trainer" + (" bf16" if both else "")
     base = start(args.threads, args.model_size)
     batch = synthetic_batch(base.config.vocab_size, args.batch, args.seq)
@@ -287,6 +312,7 @@ def main() -> None:
     tmp.cleanup()
     # Untimed, after the rounds: the realised perturbation of one more step of each SAM engine.
     perturbation = {c.precision: c.realised_perturbation() for c in flatray if c.optimizer == "sam"}
+    variants = variant_ratios(times, names, args.steps)
 
     median = {k: statistics.median(v) for k, v in times.items()}
     ratios = step_ratios(median, names, hf_name, args.precision)
@@ -313,6 +339,7 @@ def main() -> None:
         print_bf16_ratios(median, names, ratios, ratios_min, hf_skipped)
     else:
         print_fp32_ratios(ratios, ratios_min, hf_skipped)
+    print_variant_ratios(variants)
     rho = next(c.cfg.optimizer.rho for c in flatray if c.optimizer == "sam")
     print(f"realised SAM perturbation ||w'-w|| / rho (rho {rho}, one untimed step after the rounds): "
           + ", ".join(f"{p} {v:.3f}" for p, v in perturbation.items()) + " (target 1.00)")
@@ -325,7 +352,7 @@ def main() -> None:
             "contenders": {k: {"median_ms": 1000 * median[k], "samples_per_s": args.batch / median[k],
                                "step_ms": [1000 * t for t in v]} for k, v in times.items()},
             "ratios": ratios, "ratios_from_min": ratios_min, "targets": {"sam_over_adam_step_time_max": TARGET_SAM, "flatray_over_hf_samples_per_s_min": TARGET_HF},
-            "sam_perturbation_over_rho": perturbation,
+            "sam_perturbation_over_rho": perturbation, "cheaper_sam_mean_step_time_over_adam": variants,
             "hf_skipped": hf_skipped,
         }
         with open(args.json, "w") as f:

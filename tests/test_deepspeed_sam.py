@@ -25,9 +25,15 @@ CASES = [  # (optimizer, scope, gradient clipping)
     ("asam", "worker", 0.0),
     ("asam", "global", 0.0),
     ("sam", "worker", 0.5),
+    # cheaper SAM (flatray.methods.cheap_sam): steps 0 and 2 are SAM steps, step 1 is not
+    ("every2", "worker", 0.5),  # SAM every 2nd step, Adam in between
+    ("looksam", "worker", 0.0),  # LookSAM: in between, g + alpha ||g|| / ||g_v|| g_v
+    ("looksam", "global", 0.5),
 ]
 STAGES = (0, 1, 2)
-RHO = {"adam": 0.0, "sam0": 0.0, "sam": 0.05, "asam": 0.5}
+RHO = {"adam": 0.0, "sam0": 0.0, "sam": 0.05, "asam": 0.5, "every2": 0.05, "looksam": 0.05}
+OPTIMIZER = {"every2": {"name": "sam", "sam_every": 2},
+             "looksam": {"name": "sam", "sam_every": 2, "sam_between": "looksam", "looksam_alpha": 0.7}}
 DROPOUT_SEED = 1000  # + rank: each worker's own dropout stream
 
 
@@ -35,7 +41,7 @@ def run_config(opt, scope, clip, stage, world):
     return RunConfig(
         model="tiny-bert", task="toy",
         train={"batch_size": GLOBAL_BATCH, "epochs": 1, "lr": LR, "schedule": "linear"},
-        optimizer={"name": opt.removesuffix("0"), "sam_scope": scope, "rho": RHO[opt]},
+        optimizer={"name": opt.removesuffix("0"), **OPTIMIZER.get(opt, {}), "sam_scope": scope, "rho": RHO[opt]},
         deepspeed={"zero_stage": stage, "gradient_clipping": clip},
         scaling={"num_workers": world},
     )
@@ -142,18 +148,30 @@ def reference(opt, scope, clip, world):
     for r in range(world):
         torch.manual_seed(DROPOUT_SEED + r)
         streams.append(torch.get_rng_state())
-    for b in batches(model.config.vocab_size):
+    g_v = [None] * world  # LookSAM: each worker's orthogonal part of its last SAM gradient
+
+    def dot(a, b):
+        return sum((x * y).sum() for x, y in zip(a, b))
+
+    for step, b in enumerate(batches(model.config.vocab_size)):
         shards = [shard(b, r, world) for r in range(world)]
         w = [p.detach().clone() for p in params]
         passes = [grads(model, s, streams[r]) for r, s in enumerate(shards)]
         first = [g for g, _ in passes]
-        if scope == "global":
+        sam_step = opt not in OPTIMIZER or step % 2 == 0
+        if opt == "looksam" and not sam_step:  # g + 0.7 ||g|| / ||g_v|| g_v, each worker its own
+            second = [[gi + 0.7 * dot(g, g).sqrt() / dot(v, v).sqrt() * vi for gi, vi in zip(g, v)]
+                      for g, v in zip(first, g_v)]
+            streams = [state for _, state in passes]
+            first = []
+        if scope == "global" and sam_step:
             mean = [sum(gs) / world for gs in zip(*first)]
             first = [mean] * world
-        second = []
+        if first:
+            second = []
         for r, (s, g) in enumerate(zip(shards, first)):
             start_state, streams[r] = streams[r], passes[r][1]
-            if opt == "adam":
+            if opt == "adam" or not sam_step:
                 second.append(g)
                 continue
             t = [(wi.abs() + 0.01) if (opt == "asam" and wi.dim() >= 2) else torch.ones_like(wi) for wi in w]
@@ -162,6 +180,8 @@ def reference(opt, scope, clip, world):
                 for p, wi, ti, gi in zip(params, w, t, g):
                     p.copy_(wi + rho * ti * ti * gi / (norm + 1e-12))
             second.append(grads(model, s, start_state)[0])  # same masks as the first pass
+            if opt == "looksam":  # g_v = g_s - <g, g_s> / ||g||^2 g
+                g_v[r] = [si - dot(g, second[-1]) / dot(g, g) * gi for si, gi in zip(second[-1], g)]
             with torch.no_grad():
                 for p, wi in zip(params, w):
                     p.copy_(wi)

@@ -76,8 +76,22 @@ class OptimizerConfig(Section):
     sam_scope: Literal["worker", "global"] = Field(
         "worker", description="worker: each worker perturbs with its own sub-batch gradient (m-sharpness); global: all-reduced"
     )
+    # Cheaper SAM (docs/TRAINING.md, "Cheaper SAM"): SAM/ASAM steps on a part of the steps only
+    sam_every: int = Field(1, ge=1, le=10_000, description="a SAM/ASAM step every k-th optimizer step (steps 0, k, "
+                           "2k, ...; 1: every step); the others are sam_between steps")
+    sam_fraction: float = Field(1.0, gt=0, le=1, description="each step is a SAM/ASAM step with this probability "
+                                "(SS-SAM, Zhao et al. 2022), drawn from train.seed and the step: the same on every worker")
+    sam_between: Literal["adam", "looksam"] = Field(
+        "adam", description="the steps that are not SAM steps: adam (the plain gradient) or looksam (Liu et al. 2022: "
+        "the plain gradient plus the orthogonal part of the last SAM gradient, scaled by looksam_alpha)")
+    looksam_alpha: float = Field(0.7, ge=0, description="LookSAM's alpha (the paper's 0.7)")
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
+
+    @property
+    def every_step_sam(self) -> bool:
+        """Plain SAM/ASAM: a perturbation at every step."""
+        return self.sam_every == 1 and self.sam_fraction == 1
 
     @field_validator("betas")
     @classmethod
@@ -325,6 +339,7 @@ def _check_cross_field(cfg: RunConfig) -> None:
               "works at ZeRO 0 only; bf16 needs no loss scaling)")
     if cfg.optimizer.name == "adam" and cfg.optimizer.rho:
         _fail("optimizer.rho", cfg.optimizer.rho, "0 or unset with optimizer.name adam (rho is for sam/asam)")
+    _check_cheaper_sam(cfg)
     if cfg.train.l1 and cfg.kind != "finetune":
         _fail("train.l1", cfg.train.l1, f"0 for kind {cfg.kind} (the l1 penalty is for finetune: dense runs, IMP "
               "levels, transfers)")
@@ -338,6 +353,29 @@ def _check_cross_field(cfg: RunConfig) -> None:
                   "so that the last point is the end of training")
 
 
+
+
+def _check_cheaper_sam(cfg: RunConfig) -> None:
+    o = cfg.optimizer
+    if o.every_step_sam and o.sam_between == "adam":
+        return
+    if o.name == "adam":
+        key = "optimizer.sam_between" if o.every_step_sam else \
+            "optimizer.sam_every" if o.sam_every != 1 else "optimizer.sam_fraction"
+        _fail(key, getattr(o, key.split(".")[1]), "its default with optimizer.name adam (it is for sam/asam)")
+    if o.sam_every != 1 and o.sam_fraction != 1:
+        _fail("optimizer.sam_fraction", o.sam_fraction, f"1 with optimizer.sam_every {o.sam_every} (a schedule or a "
+              "random fraction, not both)")
+    if o.every_step_sam:
+        _fail("optimizer.sam_between", o.sam_between, "adam, or sam_every > 1 or sam_fraction < 1 (LookSAM reuses "
+              "the last SAM gradient on the steps between SAM steps; with SAM at every step there are none)")
+    if cfg.kind != "finetune":
+        _fail("optimizer.sam_every" if o.sam_every != 1 else "optimizer.sam_fraction",
+              o.sam_every if o.sam_every != 1 else o.sam_fraction,
+              f"its default for kind {cfg.kind} (cheaper SAM is for finetune: dense runs, IMP levels, transfers)")
+    if o.sam_between == "looksam" and cfg.deepspeed.precision == "fp16":
+        _fail("deepspeed.precision", "fp16", "bf16 or fp32 with optimizer.sam_between looksam (its gradients are "
+              "taken outside the engine's loss scaling)")
 
 
 def trial_id(run_config: RunConfig | dict, parent_ids: list[str] = ()) -> str:

@@ -39,9 +39,11 @@ class LengthGroupedSampler(Sampler[int]):
         order = get_length_grouped_indices(self.lengths, self.batch_size, generator=g)
         n, b = len(order) // self.batch_size, self.batch_size
         batches = [order[i * b:(i + 1) * b] for i in range(n)]
-        first = next((i for i, batch in enumerate(batches) if order[0] in batch), 0)  # the longest example's
-        rest = [batches[i] for i in range(n) if i != first]
-        return [batches[first]] + [rest[i] for i in torch.randperm(len(rest), generator=g).tolist()] if n else []
+        if not batches:
+            return []
+        # HF's order starts with the longest example's batch: it stays first, so a batch too big fails at step 1
+        rest = batches[1:]
+        return [batches[0]] + [rest[i] for i in torch.randperm(len(rest), generator=g).tolist()]
 
     def __iter__(self) -> Iterator[int]:
         share = self.batch_size // self.world

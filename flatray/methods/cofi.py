@@ -212,7 +212,7 @@ def run(ctx) -> None:
         masks.eval()
         pruned["model"] = prune(engine.module, masks)
         del engine
-        check_sparsity(1 - count_prunable(pruned["model"]) / prunable_before, float(masks.expected_sparsity()),
+        check_sparsity(1 - count_prunable(pruned["model"]) / prunable_before, masks.expected_sparsity().item(),
                        sc, len(loader), ramp)
     small = pruned["model"].train()
     totals.update(params=sum(p.numel() for p in small.parameters()),

@@ -215,7 +215,7 @@ def mask_optimizer(masks: CoFiMasks) -> torch.optim.Optimizer:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The masked forward and structural pruning
+# The masked forward (the physical pruning is flatray.methods.cofi_prune)
 
 
 def _layernorm_kept(ln: nn.LayerNorm, x: torch.Tensor, zh: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

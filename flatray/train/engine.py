@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from flatray.config import RunConfig
+from flatray.methods import cheap_sam
 from flatray.methods.sam import perturb_
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")  # HF convention: no weight decay there
@@ -159,6 +160,11 @@ def train_step(engine, batch: dict, cfg: RunConfig, loss_fn=model_loss, sam: boo
     (default: every trainable parameter; SQuAT perturbs the latent weights, not the step sizes)."""
     o = cfg.optimizer
     engine.module.train()  # dropout on: from_pretrained hands the model over in eval mode
+    if sam is None and o.name != "adam" and not (o.every_step_sam and o.sam_between == "adam"):
+        step = engine.lr_scheduler.last_epoch  # steps applied so far (resume restores it)
+        sam = cheap_sam.sam_step_due(o.sam_every, o.sam_fraction, cfg.train.seed, step)
+        if o.sam_between == "looksam":
+            return looksam_step(engine, batch, cfg, loss_fn, sam)
     if not (o.name != "adam" if sam is None else sam):
         loss = loss_fn(engine, batch)
         engine.backward(loss)
@@ -186,6 +192,43 @@ def train_step(engine, batch: dict, cfg: RunConfig, loss_fn=model_loss, sam: boo
     engine.backward(loss_fn(engine, batch))
     with torch.no_grad():
         torch._foreach_copy_(params, saved)  # restore by copy: exactly w again
+    optimizer_step(engine)
+    return loss.item()
+
+
+def looksam_step(engine, batch: dict, cfg: RunConfig, loss_fn, sam: bool) -> float:
+    """One LookSAM step (flatray.methods.cheap_sam). Its gradients are taken outside the engine (autograd.grad, as
+    SAM's first one) and the direction reaches the engine through the backward of sum(<w, direction>), whose gradient
+    is exactly the direction: DeepSpeed's ZeRO 0/1/2 hooks, all-reduce and clipping then apply as to any gradient.
+    A step without a stored g_v (the first, or the first after a resume: it lives in memory only) is a SAM step."""
+    o = cfg.optimizer
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    device = params[0].device
+    g_v = getattr(engine, "_flatray_looksam_gv", None)
+    if not sam and g_v is not None:
+        with autocast(cfg, device):
+            loss = loss_fn(engine.module, batch)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        direction = cheap_sam.reconstruct(grads, g_v, o.looksam_alpha)
+    else:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with autocast(cfg, device):
+                loss = loss_fn(engine.module, batch)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        if o.sam_scope == "global":
+            grads = all_reduce_mean(grads)
+        saved = backup_buffers(engine, params)
+        with torch.no_grad():
+            torch._foreach_copy_(saved, params)
+        perturb_(params, grads, o.rho, adaptive=o.name == "asam", eta=o.eta)
+        with autocast(cfg, device):
+            perturbed_loss = loss_fn(engine.module, batch)
+        direction = torch.autograd.grad(perturbed_loss, params, allow_unused=True)
+        with torch.no_grad():
+            torch._foreach_copy_(params, saved)
+        engine._flatray_looksam_gv = cheap_sam.orthogonal(grads, direction)
+    del grads
+    engine.backward(torch.stack([(p * d.to(p.dtype)).sum() for p, d in zip(params, direction) if d is not None]).sum())
     optimizer_step(engine)
     return loss.item()
 
